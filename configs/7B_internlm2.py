@@ -1,0 +1,102 @@
+# InternLM2-7B: grouped-query attention (32 query heads, 8 key/value heads), no biases, 92544 tokens.
+# Set TRAIN_FOLDER / VALID_FOLDER / TOKENIZER_PATH, or override them on the command line.
+JOB_NAME = "7b_internlm2_train"
+model_type = "INTERNLM2_PUBLIC"
+
+VOCAB_SIZE = 92544
+SEQ_LEN = 2048
+HIDDEN_SIZE = 4096
+NUM_ATTENTION_HEAD = 32
+NUM_KV_ATTENTION_HEAD = 8
+INTERMEDIATE_SIZE = 14336  # = 3.5 * HIDDEN_SIZE
+NUM_LAYER = 32
+
+TRAIN_FOLDER = None  # "/path/to/dataset/train"
+VALID_FOLDER = None
+TOKENIZER_PATH = None
+SAVE_CKPT_FOLDER = "local:llm_ckpts"
+CHECKPOINT_EVERY = 50
+TOTAL_STEPS = 20000
+
+model = dict(
+    checkpoint=False,
+    num_chunks=1,
+    num_attention_heads=NUM_ATTENTION_HEAD,
+    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
+    embed_split_hidden=True,
+    vocab_size=VOCAB_SIZE,
+    embed_grad_scale=1,
+    parallel_output=True,
+    hidden_size=HIDDEN_SIZE,
+    num_layers=NUM_LAYER,
+    intermediate_size=INTERMEDIATE_SIZE,
+    no_bias=True,
+    apply_post_layer_norm=False,
+    dtype="torch.bfloat16",
+    norm_type="rmsnorm",
+    layer_norm_epsilon=1e-5,
+    rope_base=1000000,
+    max_position_embeddings=32768,
+    use_flash_attn=True,
+)
+
+data = dict(
+    seq_len=SEQ_LEN,
+    micro_num=4,
+    micro_bsz=1,
+    valid_micro_num=4,
+    valid_every=0,
+    pack_sample_into_one=False,
+    total_steps=TOTAL_STEPS,
+    skip_batches="",
+    rampup_batch_size="",
+    min_length=50,
+    train_folder=TRAIN_FOLDER,
+    valid_folder=VALID_FOLDER,
+    tokenizer_path=TOKENIZER_PATH,
+)
+
+grad_scaler = dict(
+    fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000),
+    growth_factor=2,
+    backoff_factor=0.5,
+    max_scale=2**24,
+    hysteresis=2,
+)
+
+hybrid_zero_optimizer = dict(
+    overlap_sync_grad=True,
+    overlap_sync_param=False,
+    reduce_bucket_size=512 * 1024 * 1024,
+    clip_grad_norm=1.0,
+)
+
+loss = dict(label_smoothing=0)
+
+adam = dict(lr=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.01)
+
+lr_scheduler = dict(total_steps=TOTAL_STEPS, init_steps=0, warmup_ratio=0.01, eta_min=1e-5, last_epoch=-1)
+
+beta2_scheduler = dict(init_beta2=adam["adam_beta2"], c=adam["adam_beta2_c"], cur_iter=-1)
+
+# tp=2 with sequence parallelism; parameters, gradients and optimizer state sharded over all dp ranks.
+parallel = dict(
+    zero1=dict(size=-1, fsdp=False),
+    tensor=dict(size=2, mode="msp"),
+    pipeline=dict(size=1, interleaved_overlap=True, mode="1f1b"),
+    weight=dict(size=1),
+)
+
+ckpt = dict(
+    enable_save_ckpt=False,
+    save_ckpt_folder=SAVE_CKPT_FOLDER,
+    load_ckpt_info=None,
+    auto_resume=False,
+    checkpoint_every=CHECKPOINT_EVERY,
+    oss_snapshot_freq=CHECKPOINT_EVERY // 2,
+)
+
+cudnn_deterministic = False
+cudnn_benchmark = False
+
+monitor = dict(tensorboard=dict(queue_max_length=10))

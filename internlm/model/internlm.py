@@ -1,0 +1,192 @@
+"""The InternLM family of transformers as one plain-PyTorch module.
+
+model_type          attention         biases                   head_dim
+INTERNLM (v1)       MHA               q/k/v and output proj    hidden / heads
+INTERNLM2_PUBLIC    GQA               none                     hidden / heads
+INTERNLM3           GQA               none                     explicit
+LLAMA2              MHA or GQA        none                     hidden / heads
+
+Parameter names are stable and parallel-agnostic (`layers.<i>.attention.wq.weight`, ...): layers live
+in a ModuleDict keyed by their global index, so a pipeline stage that keeps layers 4..7 keeps their
+names, and a stage without the embedding or the head simply holds None there.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internlm.model.attention import packed_attention
+from internlm.model.ops import RMSNorm, apply_rope, rope_cos_sin, swiglu_hidden_dim
+
+MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 4000
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_attention_heads: int = 8
+    num_kv_attention_heads: int = 8
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    intermediate_size: int = 0  # 0 -> from mlp_ratio and multiple_of
+    mlp_ratio: float = 8 / 3
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    model_type: str = "INTERNLM2_PUBLIC"
+    attn_backend: str = "sdpa"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not self.intermediate_size:
+            self.intermediate_size = swiglu_hidden_dim(self.hidden_size, self.mlp_ratio, self.multiple_of)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelArgs":
+        """Build from a resolved config (internlm.config.Config)."""
+        m = cfg.model
+        model_type = cfg.model_type
+        no_bias = m.get("no_bias")
+        has_bias = (model_type == "INTERNLM") if no_bias is None else not no_bias
+        return cls(
+            vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_kv_attention_heads=m.get("num_kv_attention_heads") or m.num_attention_heads,
+            head_dim=m.get("head_dim") or 0, intermediate_size=m.get("intermediate_size") or 0,
+            mlp_ratio=m.mlp_ratio, multiple_of=m.multiple_of, norm_eps=m.layer_norm_epsilon,
+            rope_base=float(m.rope_base), rope_scaling=dict(m.rope_scaling) if m.get("rope_scaling") else None,
+            max_position_embeddings=m.max_position_embeddings, qkv_bias=has_bias, o_bias=has_bias,
+            tie_word_embeddings=bool(m.tie_word_embeddings), init_std=m.init_std, model_type=model_type,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self) -> int:
+        h, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_kv_attention_heads * hd
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
+        ffn = 3 * h * self.intermediate_size
+        per_layer = attn + ffn + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * per_layer + h + head
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, hd = args.hidden_size, args.head_dim
+        self.head_dim = hd
+        self.wq = nn.Linear(h, args.num_attention_heads * hd, bias=args.qkv_bias)
+        self.wk = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
+        self.wv = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.num_attention_heads * hd, h, bias=args.o_bias)
+        self.backend = args.attn_backend
+
+    def forward(self, x, cos, sin, position_ids):
+        bsz, seqlen, _ = x.shape
+        # -1 heads: under tensor parallelism the projections hold only the local heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = packed_attention(q, k, v, position_ids, self.backend)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.w3 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, position_ids):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class InternLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.num_layers)})
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def set_attn_backend(self, backend: str):
+        self.args.attn_backend = backend
+        for block in self.layers.values():
+            block.attention.backend = backend
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: token ids [B, T] on the first pipeline stage, hidden states [B, T, h] elsewhere.
+        position_ids [B, T] restart at 0 at each packed sample (default: one sample per row).
+        Returns logits [B, T, V] on the last stage, hidden states otherwise."""
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_base,
+                                self.args.rope_scaling, self.args.max_position_embeddings)
+        for block in self.layers.values():
+            h = block(h, cos, sin, position_ids)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+
+# ---- deterministic, layout-independent initialisation -------------------------------------------
+
+def canonical_name(name: str) -> str:
+    """Strip wrapper prefixes (activation checkpointing, torch.compile) from a parameter name."""
+    for token in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(token, "")
+    return name
+
+
+def init_full_tensor(name: str, shape, args: ModelArgs, seed: int) -> torch.Tensor:
+    """The full (unsharded) fp32 initial value of one parameter. It depends only on the seed and
+    the parameter's name, so every parallel layout starts from identical weights."""
+    name = canonical_name(name)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = args.init_std
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std = std / math.sqrt(2.0 * args.num_layers)  # scaled init of residual-branch outputs
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return torch.randn(shape, generator=gen) * std

@@ -1,0 +1,71 @@
+"""Small numerical building blocks of the InternLM transformer: RMSNorm and rotary embeddings.
+
+Plain PyTorch; nothing here knows about distribution. Under tensor parallelism the same code runs
+on local shards (heads are inferred from the tensor shape, never stored).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as InternEvo and HF Llama do."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * out.to(dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
+def dynamic_ntk_base(base: float, head_dim: int, factor: float, seq_len: int, max_positions: int) -> float:
+    """Dynamic NTK scaling (as HF's "dynamic" rope type): the base grows once a sequence is longer
+    than the trained context, and is left unchanged below it."""
+    if seq_len <= max_positions:
+        return base
+    scale = (factor * seq_len / max_positions) - (factor - 1)
+    return base * scale ** (head_dim / (head_dim - 2))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, rope_scaling: dict | None,
+                 max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, T, head_dim] (HF's half-rotation layout) for integer positions [B, T]."""
+    if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) == "dynamic":
+        seq_len = int(position_ids.max().item()) + 1
+        base = dynamic_ntk_base(base, head_dim, float(rope_scaling["factor"]), seq_len, max_positions)
+    inv_freq = rope_inv_freq(head_dim, base, device=position_ids.device)
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by cos/sin [B, T, D] (rotate-half convention, matching HF Llama)."""
+    dtype = x.dtype
+    x = x.float()
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(dtype)
+
+
+def swiglu_hidden_dim(hidden_size: int, mlp_ratio: float, multiple_of: int) -> int:
+    """InternEvo's FFN width: int(h * mlp_ratio) rounded up to a multiple of `multiple_of`."""
+    dim = int(hidden_size * mlp_ratio)
+    return multiple_of * math.ceil(dim / multiple_of)

@@ -1,0 +1,155 @@
+"""HybridZeroOptimizer: what FSDP2 does not do for us.
+
+FSDP2 (applied in parallelize.py) already keeps parameters, gradients and optimizer state sharded
+within each zero1 group and reduces gradients in fp32. This class owns the rest of InternEvo's
+optimizer: param groups, AdamW on the fp32 (sharded) master weights, the global gradient norm over
+every rank (dp, tp and pp), clipping, fp16 dynamic loss scaling with skip-on-overflow (all ranks
+decide together because they all see the same global norm) and the count of skipped steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Shard
+
+from internlm.optim.grad_scaler import DynamicGradScaler
+
+
+def _shard_factor(param) -> int:
+    """How many ranks of a pipeline stage split this tensor's elements between them."""
+    if not isinstance(param, DTensor):
+        return 1
+    factor = 1
+    for dim_size, placement in zip(param.device_mesh.shape, param.placements):
+        if isinstance(placement, Shard) or placement.is_shard():
+            factor *= dim_size
+    return factor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for model in models:
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+class HybridZeroOptimizer:
+    def __init__(self, models: list[nn.Module], adam_cfg, clip_grad_norm: float | None, stage_world_size: int,
+                 device: torch.device, fp16: bool = False, scaler_cfg=None):
+        self.models = models
+        self.params = [p for m in models for p in m.parameters() if p.requires_grad]
+        self.clip_grad_norm = clip_grad_norm or 0.0
+        self.stage_world_size = stage_world_size  # ranks that hold one pipeline stage: dp * tp
+        self.device = device
+        groups = param_groups(models, adam_cfg.weight_decay)
+        kwargs = dict(lr=adam_cfg.lr, betas=(adam_cfg.adam_beta1, adam_cfg.adam_beta2), eps=adam_cfg.adam_eps)
+        self.impl = self._make_adamw(groups, kwargs, device)
+        self.fp16 = fp16
+        if fp16:
+            sc = scaler_cfg or {}
+            fp16_cfg = sc.get("fp16", {}) or {}
+            self.grad_scaler = DynamicGradScaler(
+                initial_scale=fp16_cfg.get("initial_scale", 2**16), min_scale=fp16_cfg.get("min_scale", 1),
+                growth_interval=fp16_cfg.get("growth_interval", 1000), growth_factor=sc.get("growth_factor", 2),
+                backoff_factor=sc.get("backoff_factor", 0.5), hysteresis=sc.get("hysteresis", 2),
+                max_scale=sc.get("max_scale", 2**24))
+        else:
+            self.grad_scaler = None
+        self.skipped_steps = 0
+
+    @staticmethod
+    def _make_adamw(groups, kwargs, device):
+        if device.type == "cuda":
+            try:
+                return torch.optim.AdamW(groups, fused=True, **kwargs)
+            except (RuntimeError, TypeError):
+                pass
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+    @property
+    def param_groups(self):
+        return self.impl.param_groups
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.grad_scaler.scale) if self.grad_scaler else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scale if self.grad_scaler else loss
+
+    def zero_grad(self):
+        self.impl.zero_grad(set_to_none=True)
+
+    def _align_grad_placements(self):
+        # DTensor autograd may hand back a gradient laid out unlike its parameter (a vocab-sharded
+        # embedding gets a replicated gradient); give every gradient its parameter's layout.
+        for p in self.params:
+            g = p.grad
+            if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+                p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    @torch.no_grad()
+    def global_grad_norm(self) -> float:
+        """L2 norm of all gradients of the whole model. Each rank sums the squares of its local
+        gradient pieces, weighted by 1/(number of ranks holding a copy of that piece), and one
+        all-reduce over the world adds them up: sharded (FSDP, TP) and replicated parameters,
+        and every pipeline stage, each count exactly once."""
+        self._align_grad_placements()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        by_factor: dict[int, list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.grad is not None:
+                by_factor.setdefault(_shard_factor(p), []).append(_local(p.grad))
+        for factor, grads in by_factor.items():
+            norms = torch._foreach_norm([g.float() for g in grads], 2.0)
+            sq = torch.stack(norms).double().pow(2).sum()
+            total = total + sq * (factor / self.stage_world_size)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return math.sqrt(total.item()) if math.isfinite(total.item()) and total.item() >= 0 else float("nan")
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, float]:
+        """Unscale, measure, clip and step. Returns (stepped, grad_norm) with grad_norm unscaled."""
+        norm = self.global_grad_norm()
+        scale = self.loss_scale
+        overflow = not math.isfinite(norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(overflow)
+        if overflow:
+            self.skipped_steps += 1
+            self.zero_grad()
+            return False, norm
+        norm = norm / scale
+        coef = 1.0 / scale
+        if self.clip_grad_norm > 0 and norm > self.clip_grad_norm:
+            coef *= self.clip_grad_norm / (norm + 1e-6)
+        if coef != 1.0:
+            grads = [_local(p.grad) for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
+        self.impl.step()
+        self.zero_grad()
+        return True, norm
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps,
+                "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None}
+
+    def load_state_dict(self, sd: dict):
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        if self.grad_scaler is not None and sd.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(sd["grad_scaler"])

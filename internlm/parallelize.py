@@ -1,0 +1,130 @@
+"""Apply parallelism to a plain InternLM module (or one pipeline stage of it), from the outside.
+
+Order, as torchtitan does it: tensor parallel plan -> activation checkpointing -> torch.compile ->
+Hybrid ZeRO (FSDP2 over the dp_replicate x dp_shard mesh). Then `init_parameters` fills the weights
+so that every layout holds the same full tensors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from internlm.model.internlm import InternLM, init_full_tensor
+from internlm.parallel import ParallelDims
+
+logger = logging.getLogger("internlm")
+
+
+def apply_tensor_parallel(model: InternLM, tp_mesh: DeviceMesh, sequence_parallel: bool):
+    """Megatron-style TP: q/k/v, w1, w3 column-parallel, wo and w2 row-parallel, the embedding
+    sharded over the vocabulary and the head column-parallel with its logits left sharded over the
+    vocabulary (the loss runs under `loss_parallel`). With sequence parallel ("msp") the norms and
+    residual stream are sharded over the sequence dimension between the TP regions."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    root_plan = {}
+    if model.tok_embeddings is not None:
+        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if model.norm is not None:
+        root_plan["norm"] = SequenceParallel() if sequence_parallel else None
+    if model.output is not None:
+        root_plan["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, {k: v for k, v in root_plan.items() if v is not None})
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(input_layouts=(seq, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: InternLM, setting) -> int:
+    """`model.checkpoint`: True/False or the fraction of this stage's layers to recompute."""
+    from torch.distributed._composable import checkpoint
+
+    frac = 1.0 if setting is True else float(setting or 0.0)
+    blocks = list(model.layers.values())
+    count = min(len(blocks), math.ceil(frac * len(blocks) - 1e-9)) if frac > 0 else 0
+    for block in blocks[:count]:
+        checkpoint(block)  # composable: parameter names stay unchanged
+    return count
+
+
+def apply_compile(model: InternLM):
+    for block in model.layers.values():
+        block.compile()
+
+
+def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
+                      prefetch: bool = True):
+    """FSDP2/HSDP: shard within dp_shard (zero1 size), replicate across dp_replicate. Master weights
+    stay fp32; compute runs in `param_dtype`; gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # the last block is resharded by the root right away; skipping it avoids a re-gather
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if prefetch and len(blocks) > 1:
+        # overlap_sync_param / overlap_sync_grad: prefetch the next block's all-gather in forward
+        # and the previous block's in backward while this one computes.
+        for prev, nxt in zip(blocks[:-1], blocks[1:]):
+            prev.set_modules_to_forward_prefetch([nxt])
+            nxt.set_modules_to_backward_prefetch([prev])
+
+
+def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, cfg, compute_dtype: torch.dtype):
+    """Returns True when FSDP manages the compute dtype (else the trainer uses autocast)."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
+    n_ckpt = apply_activation_checkpointing(model, cfg.model.checkpoint)
+    if n_ckpt:
+        logger.info("activation checkpointing on %d of %d layers of this stage", n_ckpt, len(model.layers))
+    if cfg.model.get("compile"):
+        apply_compile(model)
+    if dims.dp > 1:
+        hz = cfg.hybrid_zero_optimizer
+        apply_hybrid_zero(model, mesh["dp_replicate", "dp_shard"], compute_dtype,
+                          reshard_after_forward=dims.fsdp,
+                          prefetch=bool(hz.get("overlap_sync_param", True) or hz.get("overlap_sync_grad", True)))
+        return True
+    return False
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, device: torch.device, seed: int):
+    """Materialise a meta-device model on `device` and fill each parameter with its layout-independent
+    initial value (a function of seed and name only). Sharded parameters take their local slice."""
+    model.to_empty(device=device)
+    args = model.args
+    if args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None:
+        model.output.weight = model.tok_embeddings.weight  # to_empty unties shared parameters
+    for name, param in model.named_parameters():
+        full = init_full_tensor(name, param.shape, args, seed)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+    for name, buf in model.named_buffers():
+        buf.zero_()
