@@ -74,6 +74,10 @@ class Trainer:
         self.step = 0
         self.consumed_tokens = 0
         self.peak_flops = M.device_peak_tflops(self.device, self.dtype, cfg.monitor.get("peak_tflops")) * 1e12
+        from internlm.checkpoint import CheckpointManager
+
+        self.checkpoints = CheckpointManager(self)  # saves, snapshots, stop signals (see doc/checkpoint.md)
+        self.checkpoints.resume()  # auto_resume / load_ckpt_info: model, optimizer, schedulers, data position
 
     # ---- construction -----------------------------------------------------------------------------
     @property
@@ -285,6 +289,9 @@ class Trainer:
                 self.writer.write(self.step, m)
                 if self.step % log_every == 0 or self.step == total or "valid_loss" in m:
                     print(M.format_log_line(self.step, m), flush=True)
+            if self.checkpoints.after_step(self.step, total):  # saved; a stop file or signal asked to stop
+                break
+        self.checkpoints.finish()
         if self.writer is not None:
             self.writer.close()
         return history

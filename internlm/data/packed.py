@@ -25,8 +25,8 @@ class DummySource:
     """Deterministic synthetic samples, for smoke tests and benchmarks without a corpus.
 
     Sample ``i`` depends only on ``(seed, i)``, so it is the same whatever order samples are read in.
-    Each sample is ``bos``, then a short random motif repeated, then ``eos``: random tokens, but with
-    structure a model can pick up, so the loss on dummy data falls below ``log(vocab_size)`` and a
+    Each sample is ``bos``, then a short random motif repeated, then ``eos``: random tokens drawn from a
+    Zipf-like distribution, with structure a model can pick up, so the loss on dummy data falls below ``log(vocab_size)`` and a
     smoke test can tell a training run that learns from one that does not. Types alternate
     between ``dummy_a`` (even samples) and ``dummy_b`` (odd samples).
     """
@@ -56,6 +56,10 @@ class DummySource:
         self.eos_id = eos_id
         self.max_motif_len = max(1, max_motif_len)
         self.lengths = np.random.default_rng(seed).integers(min_len, max_len + 1, size=num_samples, dtype=np.int64)
+        # Zipf-like token frequencies (p(k) ~ 1/(k+2)), as in natural text: a model learns the
+        # unigram distribution within a few steps, so the loss visibly falls from log(vocab_size).
+        weights = 1.0 / (np.arange(vocab_size, dtype=np.float64) + 2.0)
+        self._cdf = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -68,7 +72,8 @@ class DummySource:
         # A per-sample generator keyed on (seed, index) keeps random access cheap and order-free.
         rng = np.random.default_rng([self.seed, index])
         motif_len = int(rng.integers(1, self.max_motif_len + 1))
-        motif = rng.integers(0, self.vocab_size, size=motif_len, dtype=np.int64)
+        draws = rng.random(motif_len)
+        motif = np.minimum(np.searchsorted(self._cdf, draws), self.vocab_size - 1).astype(np.int64)
         tokens = np.resize(motif, length)
         tokens[0] = self.bos_id
         tokens[-1] = self.eos_id

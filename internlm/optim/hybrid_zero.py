@@ -44,7 +44,53 @@ def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict]:
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+    return [g for g in groups if g["params"]]
+
+
+class PartOptimizers(torch.optim.Optimizer):
+    """One AdamW per model part (pipeline stage module) behind a single Optimizer face.
+
+    A pipeline rank may hold several stage modules; giving each its own optimizer lets
+    `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(part, optim)` key the state by
+    the part's parameter names, which are the canonical, layout-independent names, so optimizer
+    state reshards across pp/tp/dp layouts. AdamW's per-tensor math does not depend on how the
+    tensors are grouped, so this steps exactly like one AdamW over all parameters.
+
+    `param_groups` is recomputed from the parts on every access: `load_state_dict` of a part
+    replaces its group dicts, and an LR scheduler holding this object must see the new ones.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        # Optimizer.__init__ is deliberately not called: the state and groups live in the parts.
+        self.optimizers = list(optimizers)
+        self.defaults = dict(self.optimizers[0].defaults)
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        raise NotImplementedError("checkpoint each part with get_optimizer_state_dict(part, optimizer)")
+
+    def load_state_dict(self, state_dict):
+        raise NotImplementedError("load each part with set_optimizer_state_dict(part, optimizer, ...)")
+
+    def __repr__(self) -> str:
+        return f"PartOptimizers({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"
 
 
 class HybridZeroOptimizer:
@@ -55,9 +101,11 @@ class HybridZeroOptimizer:
         self.clip_grad_norm = clip_grad_norm or 0.0
         self.stage_world_size = stage_world_size  # ranks that hold one pipeline stage: dp * tp
         self.device = device
-        groups = param_groups(models, adam_cfg.weight_decay)
         kwargs = dict(lr=adam_cfg.lr, betas=(adam_cfg.adam_beta1, adam_cfg.adam_beta2), eps=adam_cfg.adam_eps)
-        self.impl = self._make_adamw(groups, kwargs, device)
+        # one AdamW per model part (see PartOptimizers); `impl` is what the LR/beta2 schedulers drive
+        self.part_optimizers = [self._make_adamw(param_groups([m], adam_cfg.weight_decay), kwargs, device)
+                                for m in models]
+        self.impl = PartOptimizers(self.part_optimizers)
         self.fp16 = fp16
         if fp16:
             sc = scaler_cfg or {}

@@ -1,5 +1,6 @@
 """The .bin/.bin.meta format, its error messages, and tools/tokenizer.py + tools/train_tokenizer.py."""
 
+import copy
 import importlib.util
 import json
 import subprocess
@@ -49,6 +50,9 @@ def test_write_bin_round_trip(tmp_path):
     assert data[-1].tolist() == SAMPLES[-1]
     with pytest.raises(IndexError):
         data[len(SAMPLES)]
+
+    clone = copy.deepcopy(data)  # goes through __getstate__: the open mmap is dropped, reopened lazily
+    assert clone._mm is None and clone[3].tolist() == SAMPLES[3]
 
 
 def test_reads_internevo_style_lines(tmp_path):

@@ -1,0 +1,329 @@
+"""CheckpointManager: when to save, how a save becomes complete, resuming, and stopping cleanly.
+
+The trainer calls `resume()` once after building everything, `after_step(step, total)` after each
+step (it returns True when the run must stop) and `finish()` when the loop ends. Only rank 0
+renames, marks and deletes folders; every rank writes its own shards and RNG file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from internlm.checkpoint import layout as L
+from internlm.checkpoint import state as S
+from internlm.checkpoint.layout import CheckpointError
+from internlm.config import dump_yaml
+
+logger = logging.getLogger("internlm")
+
+ALL_CONTENT = frozenset({"model", "optimizer", "scheduler", "sampler", "all"})
+# test hook: "STEP:SECONDS" makes rank 0 sleep between writing step STEP and publishing it
+SLOW_SAVE_ENV = "INTERNLM_CKPT_TEST_SLOW_SAVE"
+
+
+def _say(msg: str) -> None:
+    print(f"[internlm] {msg}", flush=True)
+
+
+class CheckpointManager:
+    def __init__(self, trainer):
+        self.t = trainer
+        ck = trainer.cfg.ckpt
+        self.rank, self.world_size = trainer.rank, trainer.world_size
+        self.enabled = bool(ck.enable_save_ckpt)
+        self.folder = Path(ck.save_ckpt_folder) if ck.get("save_ckpt_folder") else None
+        self.every = int(ck.checkpoint_every)
+        self.snapshot_every = int(ck.get("oss_snapshot_freq") or 0)
+        self.async_save = bool(ck.get("async_upload"))
+        self.stop_file = ck.get("stop_file_path")
+        self.keep_last = int(ck.get("keep_last") or 0)
+        self.last_saved_step = None
+        self._pending = None  # (future, tmp, final, step, what) of an async save in flight
+        self._signal = None
+        self._old_handlers = {}
+        self._pg = dist.new_group(backend="gloo") if self.async_save and self.world_size > 1 else None
+        self.token, self._next_slot = self._agree_on_token_and_slot()
+        self._install_signal_handlers()
+
+    # ---- helpers that every rank runs together ---------------------------------------------------------
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _agree_on_token_and_slot(self):
+        """A name for this process lifetime's tmp folders and the first snapshot slot, from rank 0.
+        Rank 0 also clears the remains of interrupted saves before anyone writes."""
+        token, slot = None, 0
+        if self.rank == 0:
+            token = f"{os.getpid()}-{secrets.token_hex(3)}"
+            if self.folder is not None and self.folder.is_dir():
+                for path in L.stale_folders(self.folder):
+                    _say(f"removing {path}: left by an interrupted save, never used")
+                    L.remove_checkpoint(path)
+                steps = []
+                for s in L.SNAPSHOT_SLOTS:
+                    try:
+                        steps.append(L.check_checkpoint(self.folder / L.SNAPSHOT_DIR / s).step)
+                    except CheckpointError:
+                        steps.append(-1)
+                slot = 0 if steps[0] <= steps[1] else 1  # overwrite the older (or unusable) slot first
+        return self._broadcast((token, slot))
+
+    # ---- resume ----------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """auto_resume: the newest complete checkpoint in save_ckpt_folder, everything in it. Else
+        load_ckpt_info: the named checkpoint, only the listed content."""
+        ck = self.t.cfg.ckpt
+        if ck.get("auto_resume", True) and self.folder is not None:
+            latest = self._broadcast(self._find_latest() if self.rank == 0 else None)
+            if latest is not None:
+                self.load(L.check_checkpoint(latest), set(ALL_CONTENT))
+                return
+        info = ck.get("load_ckpt_info")
+        if not info:
+            return
+        if info["ckpt_type"] == "hf":
+            self._load_hf(info["path"])
+            return
+        found = L.check_checkpoint(info["path"], allow_model_only=True)  # every rank: an error naming the path
+        content = set(info["content"])
+        if found.model_only and content != {"model"}:
+            raise CheckpointError(f"checkpoint {found.path} holds model weights only (no train state): load it "
+                                  f"with ckpt.load_ckpt_info content=('model',)")
+        self.load(found, content)
+
+    def _find_latest(self) -> str | None:
+        def check(p):
+            info = L.check_checkpoint(p)
+            try:
+                dcp.FileSystemReader(str(p)).read_metadata()
+            except Exception as exc:  # noqa: BLE001 - unreadable metadata means a corrupt checkpoint
+                raise CheckpointError(f"checkpoint {p} is corrupt: its DCP metadata cannot be read "
+                                      f"({type(exc).__name__})") from None
+            return info
+
+        best, skipped = L.find_latest(self.folder, check)
+        for p, why in skipped:
+            logger.warning("auto_resume skips %s: %s", p, why)
+        return str(best.path) if best else None
+
+    def _load_hf(self, path) -> None:
+        try:
+            from internlm.hf import load_hf_into_parts
+        except ModuleNotFoundError as exc:
+            if exc.name in ("internlm.hf",):
+                raise CheckpointError("ckpt_type='hf' needs internlm/hf.py (the Hugging Face mapping), which "
+                                      "this installation does not have") from None
+            raise
+        load_hf_into_parts(self.t.model_parts, path)
+        if self.rank == 0:
+            _say(f"loaded Hugging Face weights from {path}")
+
+    def load(self, info: L.CheckpointInfo, content) -> None:
+        """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by
+        `check_checkpoint`. It may come from any layout: DCP reshards model and optimizer state."""
+        t, path, meta = self.t, info.path, info.meta
+        everything = "all" in content
+        t0 = time.perf_counter()
+        train = {} if info.model_only else L.read_json(path / L.STATE, "train state")
+        loaded = []
+        if everything or "model" in content:
+            S.load_model(t.model_parts, path)
+            loaded.append("model")
+        if everything or "optimizer" in content:
+            S.load_optimizer(t.model_parts, t.optimizer.part_optimizers, path)
+            t.optimizer.load_state_dict(train["optimizer"])
+            loaded.append("optimizer")
+        if everything or "scheduler" in content:
+            self._load_schedulers(train)
+            loaded.append("scheduler")
+        if everything or "sampler" in content:
+            t.train_loader.load_state_dict(train["sampler"])
+            t.step = int(train["step"])
+            t.consumed_tokens = int(train["consumed_tokens"])
+            loaded.append("sampler")
+        if everything:
+            rng = path / L.rng_file(self.rank)
+            if meta.get("world_size") == self.world_size and rng.is_file():
+                S.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), t.device)
+                loaded.append("rng")
+        if self.rank == 0:
+            lay = meta.get("layout", {})
+            saved = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "zero1", "num_chunks") if k in lay)
+            _say(f"{'resumed' if 'sampler' in loaded else 'loaded'} from {path} "
+                 f"(step {info.step}{', saved under ' + saved if saved else ''}): {', '.join(loaded)} "
+                 f"in {time.perf_counter() - t0:.1f}s")
+
+    def _load_schedulers(self, train: dict) -> None:
+        """Restore the schedules' position; their shape (total steps, warmup, base lr) follows the
+        current config, so a resumed run may extend training."""
+        lr_sched, saved = self.t.lr_scheduler, train["lr_scheduler"]
+        for key in ("total_steps", "warmup_steps", "init_steps", "eta_min"):
+            if key in saved and saved[key] != getattr(lr_sched, key, saved[key]) and self.rank == 0:
+                logger.warning("lr schedule %s changed from %s to %s since the checkpoint; following the config",
+                               key, saved[key], getattr(lr_sched, key))
+        lr_sched.last_epoch = int(saved["last_epoch"])
+        lr_sched._step_count = int(saved.get("_step_count", lr_sched.last_epoch + 1))
+        lrs = lr_sched.get_lr()
+        for group, lr in zip(self.t.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_sched._last_lr = list(lrs)
+        self.t.beta2_scheduler.load_state_dict(train["beta2_scheduler"])
+
+    # ---- stop requests ---------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name  # only a flag: the loop acts at the end of the step
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def _stop_request(self) -> str | None:
+        """Why every rank must stop now, or None. All ranks agree (one tiny all_reduce per step)."""
+        flags = torch.tensor([self._signal is not None,
+                              bool(self.stop_file) and os.path.exists(self.stop_file)], dtype=torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            return f"signal {self._signal}" if self._signal else "a signal on another rank"
+        if flags[1]:
+            return f"stop file {self.stop_file}"
+        return None
+
+    # ---- saving ----------------------------------------------------------------------------------------
+    def after_step(self, step: int, total: int) -> bool:
+        """Save, snapshot or stop after `step`. Returns True when training must stop now."""
+        self._poll_async()
+        reason = self._stop_request()
+        if self.enabled and self.folder is not None:
+            if reason or step >= total or step % self.every == 0:
+                self.save(step, "checkpoint")
+            elif self.snapshot_every and step % self.snapshot_every == 0:
+                self.save(step, "snapshot")
+        if reason is None:
+            return False
+        self.wait()
+        if self.rank == 0:
+            if not self.enabled:
+                logger.warning("stopping on %s without a checkpoint: ckpt.enable_save_ckpt is False", reason)
+            _say(f"stopped after step {step} on {reason}"
+                 + (f"; checkpoint {self.folder / str(step)}" if self.enabled else ""))
+            if reason.startswith("stop file") and os.path.exists(self.stop_file):
+                os.remove(self.stop_file)  # consumed: a restarted job must not stop again at once
+        return True
+
+    def save(self, step: int, what: str = "checkpoint") -> Path | None:
+        """Write a checkpoint ("checkpoint": `<folder>/<step>/`, "snapshot": the older snapshot slot)."""
+        if self.last_saved_step == step:
+            return None
+        self.wait()  # one save at a time: the previous async save completes (and is published) first
+        if what == "snapshot":
+            final = self.folder / L.SNAPSHOT_DIR / str(self._next_slot)
+            self._next_slot = 1 - self._next_slot
+        else:
+            final = self.folder / str(step)
+            exists = self._broadcast((final / L.MARKER).is_file() if self.rank == 0 else None)
+            if exists:
+                if self.rank == 0:
+                    logger.warning("checkpoint %s already exists and is complete; not overwriting it", final)
+                self.last_saved_step = step
+                return None
+        tmp = L.tmp_path(final, self.token)
+        t0 = time.perf_counter()
+        (tmp / L.RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(S.rng_state(self.t.device), tmp / L.rng_file(self.rank))
+        if self.rank == 0:
+            self._write_small_files(tmp, step, what)
+        state = S.save_state_dict(self.t.model_parts, self.t.optimizer.part_optimizers)
+        self.last_saved_step = step
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
+            self._pending = (future, tmp, final, step, what, t0)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))
+        self._publish(tmp, final, step, what, t0)
+        if self.world_size > 1:
+            dist.barrier()  # every rank returns with the checkpoint complete
+        return final
+
+    def _write_small_files(self, tmp: Path, step: int, what: str) -> None:
+        t = self.t
+        train = {
+            "step": step,
+            "consumed_tokens": t.consumed_tokens,
+            "inf_nan_skip_batches": t.optimizer.skipped_steps,
+            "optimizer": t.optimizer.state_dict(),
+            "lr_scheduler": {k: v for k, v in t.lr_scheduler.state_dict().items() if not k.startswith("_is")},
+            "beta2_scheduler": t.beta2_scheduler.state_dict(),
+            "sampler": t.train_loader.state_dict(),
+        }
+        L.write_json(tmp / L.STATE, train)
+        dump_yaml(t.cfg, tmp / L.CONFIG)
+        d = t.dims
+        L.write_json(tmp / L.META, {
+            "format": L.FORMAT, "format_version": L.FORMAT_VERSION, "kind": what, "step": step,
+            "tokens_seen": t.consumed_tokens, "model_type": t.cfg.model_type, "dtype": str(t.dtype),
+            "world_size": self.world_size,
+            "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "zero1": d.dp_shard, "dp_replicate": d.dp_replicate,
+                       "num_chunks": d.num_chunks, "pp_mode": d.pp_mode, "tp_mode": d.tp_mode, "fsdp": d.fsdp},
+            "num_params": t.model_args.num_params(),
+            "torch_version": torch.__version__, "python_version": sys.version.split()[0],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_name": t.cfg.get("JOB_NAME"),
+        })
+
+    def _publish(self, tmp: Path, final: Path, step: int, what: str, t0: float) -> None:
+        """Rank 0 only acts: rename the fully written tmp folder, write the marker, prune."""
+        if self.rank != 0:
+            return
+        hook = os.environ.get(SLOW_SAVE_ENV, "")
+        if hook and int(hook.split(":")[0]) == step:
+            time.sleep(float(hook.split(":")[1]))
+        L.commit(tmp, final, self.token, step)
+        pruned = L.prune(self.folder, self.keep_last, protect=final) if what == "checkpoint" else []
+        _say(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s"
+             + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
+
+    def _poll_async(self) -> None:
+        if self._pending is not None and self._future(self._pending[0]).done():
+            self.wait()
+
+    @staticmethod
+    def _future(f):
+        return getattr(f, "upload_completion", f)  # async_save returns a Future or an AsyncSaveResponse
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is written on this rank, then publish it."""
+        if self._pending is None:
+            return
+        future, tmp, final, step, what, t0 = self._pending
+        self._pending = None
+        self._future(future).result()
+        # DCP's final step gathers every rank's write results before rank 0's future completes, so
+        # when rank 0 gets here every rank has written its shards and its RNG file.
+        self._publish(tmp, final, step, what, t0)
+
+    def finish(self) -> None:
+        self.wait()
+        if self.world_size > 1:
+            dist.barrier()
+        self._restore_signal_handlers()

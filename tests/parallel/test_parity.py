@@ -1,0 +1,78 @@
+"""Every parallel layout trains the same model as one process: loss parity.
+
+Each test launches `train.py` under torchrun (gloo on CPU) with one layout and compares its per-step
+loss and gradient norm with the single-process run of the same config, same seed and same global
+batch (dp * micro_num is kept at GLOBAL_MICRO). fp32 layouts must agree to 1e-4 relative; the bf16
+layouts to 2e-2. The LR sequence must match exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from tests.parallel import harness
+
+FP32_TOL = 1e-4
+BF16_TOL = 2e-2
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    nproc: int
+    dp: int
+    overrides: tuple[str, ...]
+    reference: tuple[str, ...] = ()  # overrides shared with the single-process reference (model, dtype)
+    tolerance: float = FP32_TOL
+    steps: int = harness.STEPS
+
+    def args(self) -> list[str]:
+        return [*self.reference, f"data.micro_num={harness.GLOBAL_MICRO // self.dp}",
+                f"data.total_steps={self.steps}", *self.overrides]
+
+
+BF16 = ("model.dtype='torch.bfloat16'",)
+INTERNLM1 = ("model_type='INTERNLM'", "model.num_kv_attention_heads=4")  # MHA with q/k/v and wo biases
+INTERNLM3 = ("model_type='INTERNLM3'", "model.head_dim=32")  # head_dim * heads (128) != hidden (64)
+
+LAYOUTS = [
+    # data parallel / Hybrid ZeRO
+    Layout("dp2_zero1-1", 2, 2, ("parallel.zero1.size=1",)),
+    Layout("dp2_zero1-2", 2, 2, ("parallel.zero1.size=2",)),
+    Layout("dp4_zero1-2_hsdp", 4, 4, ("parallel.zero1.size=2",)),
+    Layout("dp2_fsdp", 2, 2, ("parallel.zero1.size=-1", "parallel.zero1.fsdp=True")),
+    # tensor parallel
+    Layout("tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
+    Layout("tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
+    # pipeline parallel
+    Layout("pp2_1f1b", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'")),
+    Layout("pp2_interleaved", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'",
+                                     "model.num_chunks=2")),
+    Layout("pp2_gpipe", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='gpipe'")),
+    Layout("pp2_zbh1", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbh1'")),
+    Layout("pp2_zbv", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2")),
+    # everything at once: 8 processes on a small machine, so fewer steps
+    Layout("tp2_pp2_dp2_zero1-2", 8, 2, ("parallel.tensor.size=2", "parallel.pipeline.size=2",
+                                         "parallel.zero1.size=2"), steps=6),
+    # bf16 against the bf16 single process (FSDP mixed precision / autocast)
+    Layout("bf16_dp2_zero1-2", 2, 2, ("parallel.zero1.size=2",), reference=BF16, tolerance=BF16_TOL),
+    Layout("bf16_tp2", 2, 1, ("parallel.tensor.size=2",), reference=BF16, tolerance=BF16_TOL),
+    # the other model families under tensor parallelism
+    Layout("INTERNLM_tp2", 2, 1, ("parallel.tensor.size=2",), reference=INTERNLM1),
+    Layout("INTERNLM3_tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'"),
+           reference=INTERNLM3),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[x.name for x in LAYOUTS])
+def test_layout_matches_single_process(layout: Layout, reference, parity_log, tmp_path):
+    ref = reference(layout.reference)
+    got = harness.run(layout.nproc, layout.args(), tmp_path)
+    parity = harness.compare(ref, got, layout.steps)
+    parity_log(layout.name, layout.nproc, parity, layout.tolerance, got.seconds)
+    assert parity.loss <= layout.tolerance and parity.grad_norm <= layout.tolerance, \
+        f"{layout.name}: {parity} exceeds {layout.tolerance:g}\n{got.tail(20)}"
+    # a run that trains nothing would pass the comparison too: the reference must move
+    losses = [r["loss"] for r in ref.records[:layout.steps]]
+    assert max(losses) - min(losses) > 1e-2 * losses[0]
