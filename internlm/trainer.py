@@ -183,8 +183,10 @@ class Trainer:
                     self.schedule.eval(*args, target=target if last else None, **kwargs)
             return
         model = self.model_parts[0]
-        for i in range(n_micro):
-            with self._context():
+        # one autocast region for all micro-batches: the bf16 copies of the weights are cached
+        # and made once per step instead of once per micro-batch
+        with self._context():
+            for i in range(n_micro):
                 logits = model(inputs[i:i + 1], position_ids=positions[i:i + 1])
                 loss = self.loss_fn(logits, target[i:i + 1])
                 if train:

@@ -55,14 +55,13 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, rope_sc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by cos/sin [B, T, D] (rotate-half convention, matching HF Llama)."""
-    dtype = x.dtype
-    x = x.float()
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
+    """Rotate x [B, T, H, D] by cos/sin [B, T, D] (rotate-half convention, matching HF Llama).
+    Runs in x's dtype, as HF does, so bf16 activations are not copied to fp32 and back."""
+    cos = cos.to(x.dtype)[:, :, None, :]
+    sin = sin.to(x.dtype)[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+    return x * cos + rotated * sin
 
 
 def swiglu_hidden_dim(hidden_size: int, mlp_ratio: float, multiple_of: int) -> int:
