@@ -50,6 +50,15 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((ends - starts).max().item())
 
 
+def _segment_lengths(positions: torch.Tensor) -> list[int]:
+    """Lengths of the packed samples of one row of positions (a new sample where position == 0)."""
+    starts = torch.nonzero(positions == 0, as_tuple=False).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = starts + [positions.numel()]
+    return [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+
+
 def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int):
     rep = n_heads // k.shape[2]
     if rep > 1:
@@ -71,16 +80,14 @@ def packed_attention(q, k, v, position_ids, backend: str, scale: float | None = 
     k, v = _expand_kv(k, v, n_heads)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if backend == "sdpa_loop":
+        # torch.split (not slicing) so that backward joins the pieces' gradients with one cat
+        # instead of zero-filling a full-size gradient per sample
         rows = []
-        starts = position_ids == 0
         for b in range(bsz):
-            idx = torch.nonzero(starts[b], as_tuple=False).flatten().tolist()
-            if not idx or idx[0] != 0:
-                idx = [0] + idx
-            idx.append(seqlen)
-            pieces = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                                     is_causal=True, scale=scale)
-                      for s, e in zip(idx[:-1], idx[1:])]
+            lens = _segment_lengths(position_ids[b])
+            qs, ks, vs = (t[b:b + 1].split(lens, dim=2) for t in (q, k, v))
+            pieces = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+                      for qi, ki, vi in zip(qs, ks, vs)]
             rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
         out = torch.cat(rows, dim=0) if bsz > 1 else rows[0]
     else:

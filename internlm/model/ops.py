@@ -22,8 +22,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # hand the following matmuls their compute dtype once, instead of one cast per projection
+            dtype = torch.get_autocast_dtype(x.device.type)
         out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * out.to(dtype)
+        return self.weight.to(dtype) * out.to(dtype)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
