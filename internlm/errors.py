@@ -1,10 +1,35 @@
 """Turn user mistakes and distributed failures into one clear line per rank instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import torch.distributed as dist
+
+
+_PHASE = ["start-up"]
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Label what this rank is doing, so a failed or timed-out collective can say where it was."""
+    _PHASE.append(name)
+    try:
+        yield
+    except BaseException as exc:
+        if not hasattr(exc, "internlm_phase"):
+            try:
+                exc.internlm_phase = name  # the innermost phase wins
+            except AttributeError:
+                pass
+        raise
+    finally:
+        _PHASE.pop()
+
+
+def current_phase(exc: BaseException | None = None) -> str:
+    return getattr(exc, "internlm_phase", None) or _PHASE[-1]
 
 
 def _rank() -> str:
@@ -29,13 +54,15 @@ def run_guarded(fn) -> int:
         raise
     except dist.DistBackendError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        print(f"[rank {_rank()}] collective failed or timed out: {first}", file=sys.stderr, flush=True)
+        print(f"[rank {_rank()}] collective failed or timed out during {current_phase(exc)}: {first}",
+              file=sys.stderr, flush=True)
         return 3
     except RuntimeError as exc:
         text = str(exc)
         if "timed out" in text.lower() or "timeout" in text.lower() or "connection closed" in text.lower():
             first = text.strip().splitlines()[0]
-            print(f"[rank {_rank()}] collective failed or timed out: {first}", file=sys.stderr, flush=True)
+            print(f"[rank {_rank()}] collective failed or timed out during {current_phase(exc)}: {first}",
+                  file=sys.stderr, flush=True)
             return 3
         raise
     finally:

@@ -15,6 +15,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from internlm import metrics as M
 from internlm.config import dump_yaml, torch_dtype, validate
+from internlm.errors import phase
 from internlm.launch import launch, seed_everything
 from internlm.loss import PackedLMLoss, make_target
 from internlm.model.attention import resolve_backend
@@ -210,13 +211,17 @@ class Trainer:
         t0 = time.perf_counter()
         self.loss_fn.reset()
         self.loss_fn.scale = self.optimizer.loss_scale
-        self._forward_backward(batch, train=True)
-        stepped, grad_norm = self.optimizer.step()
+        with phase(f"step {self.step + 1} forward/backward"
+                   + (" (pipeline schedule)" if self.dims.pp > 1 else "")):
+            self._forward_backward(batch, train=True)
+        with phase(f"step {self.step + 1} optimizer (grad-norm all-reduce)"):
+            stepped, grad_norm = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if stepped:  # as InternEvo: a skipped (overflowed) step does not advance the schedules
             self.lr_scheduler.step()
             self.beta2_scheduler.step()
-        loss, type_loss = self._reduce_losses(batch["input_ids"].shape[0])
+        with phase(f"step {self.step + 1} loss all-reduce"):
+            loss, type_loss = self._reduce_losses(batch["input_ids"].shape[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
