@@ -9,7 +9,7 @@ HIDDEN_SIZE = 256
 NUM_LAYER = 4
 NUM_ATTENTION_HEAD = 8
 NUM_KV_ATTENTION_HEAD = 2
-VOCAB_SIZE = 4000  # must match demo_data/tokenizer.model
+VOCAB_SIZE = 4000  # must match demo_data/tokenizer/tokenizer.model
 MLP_RATIO = 8 / 3
 TOTAL_STEPS = 300
 
@@ -42,7 +42,7 @@ data = dict(
     min_length=0,
     train_folder="demo_data/train",
     valid_folder="demo_data/valid",
-    tokenizer_path="demo_data/tokenizer.model",
+    tokenizer_path="demo_data/tokenizer/tokenizer.model",
 )
 
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -44,7 +43,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from internlm.model.internlm import MODEL_TYPES, InternLM, ModelArgs, canonical_name
+from internlm.model.internlm import InternLM, ModelArgs, canonical_name
 
 logger = logging.getLogger("internlm")
 
@@ -106,7 +105,7 @@ def to_hf_name(name: str) -> str:
 
 
 def from_hf_name(hf_name: str) -> str | None:
-    """A transformers Llama name -> ours (None for names we have no parameter for)."""
+    """A transformers Llama name -> ours (None for names we have no parameter for, e.g. rotary buffers)."""
     if hf_name in _LLAMA_TOP_INV:
         return _LLAMA_TOP_INV[hf_name]
     m = _HF_LAYER_RE.match(hf_name)
@@ -130,10 +129,6 @@ def _layer_sort_key(name: str):
 
 
 # ------------------------------------------------------------------------------------------ config
-
-def _as_float(value):
-    return float(value) if value is not None else None
-
 
 def check_expressible(args: ModelArgs, target: str) -> None:
     """Raise ConversionError when transformers' `target` model type cannot hold this model exactly."""
@@ -210,6 +205,12 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     params = hf.get("rope_parameters") or {}
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
         raise ConversionError("per-layer-type rope_parameters are not supported.")
+    rotary = hf.get("rotary")  # InternLM v1's own spelling: {"base": ..., "type": "origin"|"dynamic"}
+    if isinstance(rotary, dict) and not hf.get("rope_theta"):
+        theta = float(rotary.get("base", 10000.0))
+        if rotary.get("type", "origin") == "dynamic":
+            return theta, {"type": "dynamic", "factor": float(rotary.get("scaling_factor", 1.0))}
+        return theta, None
     scaling = hf.get("rope_scaling") or None
     theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
     if scaling is None and params.get("rope_type", params.get("type", "default")) not in ("default", None):
@@ -239,19 +240,20 @@ def hf_layout(hf: dict) -> str:
 
 def model_args_from_hf_config(hf: dict) -> ModelArgs:
     """Our ModelArgs for a transformers config.json (llama, internlm3, internlm v1, internlm2)."""
-    layout = hf_layout(hf)
+    hf_layout(hf)  # refuses unknown model types
     model_type = hf["model_type"]
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ConversionError(f"hidden_act={hf.get('hidden_act')!r} is not supported (SwiGLU with silu only).")
-    if hf.get("mlp_bias"):
-        raise ConversionError("mlp_bias=True (biases in the feed-forward projections) is not supported.")
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     kv = int(hf.get("num_key_value_heads") or heads)
     head_dim = int(hf.get("head_dim") or hidden // heads)
-    if model_type in ("internlm2", "internlm"):
-        bias = bool(hf.get("bias", model_type == "internlm"))
-    else:
-        bias = bool(hf.get("attention_bias", False))
+    if model_type in ("internlm2", "internlm"):  # their `bias` is the attention biases
+        bias, mlp_bias = bool(hf.get("bias", model_type == "internlm")), False
+    else:  # internlm3's published config spells them qkv_bias / bias
+        bias = bool(hf.get("attention_bias", hf.get("qkv_bias", False)))
+        mlp_bias = bool(hf.get("mlp_bias", hf.get("bias", False) if model_type == "internlm3" else False))
+    if mlp_bias:
+        raise ConversionError("mlp_bias=True (biases in the feed-forward projections) is not supported.")
     theta, scaling = _rope_from_hf(hf)
     if model_type == "internlm2":
         ours = "INTERNLM2_PUBLIC"
@@ -352,7 +354,8 @@ class HFWeights:
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.key_file:
-            raise ConversionError(f"tensor {key!r} is missing from the Hugging Face checkpoint in {str(self.folder)!r}.")
+            raise ConversionError(f"tensor {key!r} is missing from the Hugging Face checkpoint in "
+                                  f"{str(self.folder)!r}.")
         handle = self._handle(self.key_file[key])
         if isinstance(handle, dict):
             return handle[key]
@@ -370,6 +373,12 @@ class HFSource:
         self.layout = hf_layout(self.weights.config)
         self.args = model_args_from_hf_config(self.weights.config)
         self._fused: tuple[str, torch.Tensor] | None = None  # the last wqkv read (q, k and v share it)
+
+    def unused_keys(self) -> list[str]:
+        """Tensors of a llama-layout folder that map to none of our parameters (e.g. extra biases)."""
+        if self.layout != "llama":
+            return []
+        return sorted(k for k in self.weights.keys() if from_hf_name(k) is None and "rotary_emb" not in k)
 
     def _hf_key(self, name: str) -> str:
         if self.layout == "llama":
@@ -470,6 +479,10 @@ def load_hf_into_parts(model_parts, hf_dir) -> list[str]:
     source = HFSource(hf_dir)
     try:
         check_args_match(model_parts[0].args, source.args, f"in {str(hf_dir)!r}")
+        unused = source.unused_keys()
+        if unused:
+            logger.warning("%d tensor(s) of %s have no counterpart in the model and are ignored, e.g. %s",
+                           len(unused), hf_dir, ", ".join(unused[:3]))
         filled = []
         for name, param in _unique_parameters(model_parts):
             copy_full_into(param, source.full_tensor(name, param.shape))
@@ -552,9 +565,6 @@ class DCPSource:
             if tuple(self.entries[name].size) != tuple(shape):
                 raise ConversionError(f"tensor 'model.{name}' in checkpoint {str(self.path)!r} has shape "
                                       f"{tuple(self.entries[name].size)}, expected {tuple(shape)}.")
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name].properties.dtype
 
     def full_tensor(self, name: str, shape=None) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
@@ -670,7 +680,8 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
 
     Our sentencepiece models are trained without a dummy prefix (add_dummy_prefix=False) and with
     whitespace kept, so transformers must not add a prefix space either (add_prefix_space=False,
-    legacy=False): then it gives sentencepiece's ids exactly, also for texts starting with spaces.
+    legacy=False), and special-token strings in a text stay text (split_special_tokens=True): then it
+    gives sentencepiece's ids exactly, also for texts starting with spaces or quoting "<unk>".
     Returns the bos/eos/pad/unk ids."""
     import sentencepiece as spm
 
@@ -697,6 +708,8 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
         "eos_token": special.get("eos_token"),
         "unk_token": special.get("unk_token"),
         "pad_token": special.get("pad_token"),
+        # text is text, as when the training data was tokenized: a literal "</s>" is not the eos token
+        "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "sp_model_kwargs": {},

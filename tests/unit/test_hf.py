@@ -302,6 +302,31 @@ def test_internlm2_fused_wqkv_import_matches_llama(tmp_path):
         assert torch.equal(back.get(key), ref.state_dict()[key])
 
 
+def test_hf_config_mapping_of_other_families():
+    v1 = dict(model_type="internlm", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, bias=True, rotary={"base": 20000, "type": "dynamic", "scaling_factor": 1.0})
+    args = hf.model_args_from_hf_config(v1)
+    assert args.model_type == "INTERNLM" and args.qkv_bias and args.o_bias and args.num_kv_attention_heads == 4
+    assert args.rope_base == 20000 and args.rope_scaling == {"type": "dynamic", "factor": 1.0}
+    published_internlm3 = dict(model_type="internlm3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                               qkv_bias=False, bias=False, rope_theta=5e7,
+                               rope_scaling={"rope_type": "dynamic", "factor": 6.0})
+    args = hf.model_args_from_hf_config(published_internlm3)
+    assert args.model_type == "INTERNLM3" and not args.qkv_bias and args.head_dim == 32
+    assert args.rope_base == 5e7 and args.rope_scaling == {"type": "dynamic", "factor": 6.0}
+    llama = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 5e5})
+    args = hf.model_args_from_hf_config(llama)
+    assert args.model_type == "LLAMA2" and args.rope_base == 5e5 and args.rope_scaling is None
+    for bad, words in ((dict(llama, mlp_bias=True), "mlp_bias"), (dict(llama, hidden_act="gelu"), "gelu"),
+                       (dict(llama, rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+                       (dict(llama, model_type="mistral"), "mistral")):
+        with pytest.raises(hf.ConversionError, match=words):
+            hf.model_args_from_hf_config(bad)
+
+
 def test_load_hf_into_parts_errors_name_the_key(tmp_path):
     ref, folder = random_llama(tmp_path)
     args = hf.model_args_from_hf_config(json.loads((folder / "config.json").read_text()))
@@ -367,6 +392,7 @@ TEXTS = [
     "unicode: café, 中文, emoji 😀 and rare ǅ",
     " ",
     "",
+    "special strings stay text: <s> </s> <unk>",
 ]
 
 
