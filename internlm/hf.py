@@ -518,11 +518,8 @@ def resolve_ckpt_dir(path) -> Path:
         best, _ = L.find_latest(path)
         if best is not None:
             return best.path
-        steps = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit() and _is_dcp_dir(p)]
-        if steps:  # folders without the COMPLETE marker (written by hand or by an older version)
-            return max(steps, key=lambda p: int(p.name))
-    raise ConversionError(f"{str(path)!r} is not a training checkpoint: no .metadata (DCP) file in it or in a "
-                          f"numbered step folder below it.")
+    raise ConversionError(f"{str(path)!r} is not a training checkpoint: no .metadata (DCP) file in it and no "
+                          f"complete checkpoint (step folder or snapshot with its COMPLETE marker) below it.")
 
 
 def is_hf_dir(path) -> bool:

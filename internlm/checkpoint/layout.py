@@ -116,8 +116,9 @@ def check_checkpoint(path, allow_model_only: bool = False) -> CheckpointInfo:
     meta = read_meta(path)
     if not dcp_ok:
         raise CheckpointError(f"checkpoint {path} is corrupt: its DCP {DCP_METADATA} file is missing or empty")
-    read_json(path / STATE, "train state")
-    return CheckpointInfo(path=path, step=int(meta["step"]), meta=meta)
+    train = read_json(path / STATE, "train state")
+    model_only = not {"optimizer", "lr_scheduler", "sampler"} <= set(train)  # e.g. an HF import
+    return CheckpointInfo(path=path, step=int(meta["step"]), meta=meta, model_only=model_only)
 
 
 def candidate_folders(folder) -> list[Path]:
@@ -131,14 +132,17 @@ def candidate_folders(folder) -> list[Path]:
 
 
 def find_latest(folder, check=check_checkpoint) -> tuple[CheckpointInfo | None, list[tuple[Path, str]]]:
-    """The newest usable checkpoint under `folder` (by the step in meta.json; a step folder wins a
-    tie with a snapshot), and the (folder, reason) of every candidate that was skipped."""
+    """The newest checkpoint under `folder` that a run can resume from (by the step in meta.json; a
+    step folder wins a tie with a snapshot), and the (folder, reason) of every candidate skipped."""
     best, skipped = None, []
     for path in candidate_folders(folder):
         try:
             info = check(path)
         except CheckpointError as exc:
             skipped.append((path, str(exc)))
+            continue
+        if info.model_only:
+            skipped.append((path, f"checkpoint {path} holds model weights only (no training state to resume)"))
             continue
         key = (info.step, not info.is_snapshot)
         if best is None or key > (best.step, not best.is_snapshot):

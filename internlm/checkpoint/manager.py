@@ -50,10 +50,9 @@ class CheckpointManager:
         self.last_saved_step = None
         self._pending = None  # (future, tmp, final, step, what) of an async save in flight
         self._signal = None
-        self._old_handlers = {}
+        self._old_handlers = None  # installed by the first after_step, restored by finish
         self._pg = dist.new_group(backend="gloo") if self.async_save and self.world_size > 1 else None
         self.token, self._next_slot = self._agree_on_token_and_slot()
-        self._install_signal_handlers()
 
     # ---- helpers that every rank runs together ---------------------------------------------------------
     def _broadcast(self, obj):
@@ -128,7 +127,12 @@ class CheckpointManager:
                 raise CheckpointError("ckpt_type='hf' needs internlm/hf.py (the Hugging Face mapping), which "
                                       "this installation does not have") from None
             raise
-        load_hf_into_parts(self.t.model_parts, path)
+        try:
+            load_hf_into_parts(self.t.model_parts, path)
+        except ValueError as exc:  # hf.ConversionError: a mismatch worded for the user
+            if type(exc).__name__ == "ConversionError":
+                raise CheckpointError(f"cannot load the Hugging Face checkpoint {path}: {exc}") from None
+            raise
         if self.rank == 0:
             _say(f"loaded Hugging Face weights from {path}")
 
@@ -185,6 +189,7 @@ class CheckpointManager:
 
     # ---- stop requests ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -194,9 +199,9 @@ class CheckpointManager:
         self._signal = signal.Signals(signum).name  # only a flag: the loop acts at the end of the step
 
     def _restore_signal_handlers(self) -> None:
-        for sig, old in self._old_handlers.items():
+        for sig, old in (self._old_handlers or {}).items():
             signal.signal(sig, old)
-        self._old_handlers = {}
+        self._old_handlers = None
 
     def _stop_request(self) -> str | None:
         """Why every rank must stop now, or None. All ranks agree (one tiny all_reduce per step)."""
@@ -213,6 +218,8 @@ class CheckpointManager:
     # ---- saving ----------------------------------------------------------------------------------------
     def after_step(self, step: int, total: int) -> bool:
         """Save, snapshot or stop after `step`. Returns True when training must stop now."""
+        if self._old_handlers is None:  # only while the loop runs: a Trainer used otherwise keeps defaults
+            self._install_signal_handlers()
         self._poll_async()
         reason = self._stop_request()
         if self.enabled and self.folder is not None:

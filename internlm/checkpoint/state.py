@@ -52,10 +52,6 @@ def save_state_dict(parts, optimizers) -> dict:
     return out
 
 
-def _global_shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)  # a DTensor's shape is already the full logical shape
-
-
 def check_keys(path, wanted: dict) -> None:
     """Every rank checks that its keys exist in the checkpoint with the right full shapes; if any
     rank finds a problem, every rank raises it (so no rank is left waiting in a collective)."""
@@ -67,9 +63,10 @@ def check_keys(path, wanted: dict) -> None:
         saved = {}
     if problem is None:
         missing = [k for k in wanted if k not in saved]
-        shapes = [f"{k}: saved {list(saved[k].size)}, model {list(_global_shape(v))}" for k, v in wanted.items()
+        # a DTensor's shape is its full logical shape, as the checkpoint records it
+        shapes = [f"{k}: saved {list(saved[k].size)}, model {list(v.shape)}" for k, v in wanted.items()
                   if k in saved and isinstance(saved[k], TensorStorageMetadata)
-                  and tuple(saved[k].size) != _global_shape(v)]
+                  and tuple(saved[k].size) != tuple(v.shape)]
         if missing or shapes:
             parts = []
             if missing:
