@@ -506,6 +506,13 @@ def _is_dcp_dir(path: Path) -> bool:
     return (path / ".metadata").is_file()
 
 
+def _step_of_folder(path: Path) -> int:
+    try:
+        return int(json.loads((path / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(path.name) if path.name.isdigit() else -1
+
+
 def resolve_ckpt_dir(path) -> Path:
     """A checkpoint folder (step folder or snapshot slot), or the newest complete checkpoint inside a
     save folder (the one auto_resume would pick)."""
@@ -518,6 +525,11 @@ def resolve_ckpt_dir(path) -> Path:
         best, _ = L.find_latest(path)
         if best is not None:
             return best.path
+        # model-only checkpoints (convert_hf2internlm, other tools) are fine to export: still only
+        # folders whose save completed (COMPLETE marker)
+        done = [p for p in L.candidate_folders(path) if (p / L.MARKER).is_file() and _is_dcp_dir(p)]
+        if done:
+            return max(done, key=_step_of_folder)
     raise ConversionError(f"{str(path)!r} is not a training checkpoint: no .metadata (DCP) file in it and no "
                           f"complete checkpoint (step folder or snapshot with its COMPLETE marker) below it.")
 

@@ -64,7 +64,9 @@ def write_ckpt(model, cfg, folder):
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=str(folder), no_dist=True)
     dump_yaml(cfg, Path(folder) / "config.yaml")
-    (Path(folder) / "meta.json").write_text(json.dumps({"step": 5}))
+    step = int(Path(folder).name) if Path(folder).name.isdigit() else 5
+    (Path(folder) / "meta.json").write_text(json.dumps({"step": step}))
+    (Path(folder) / "COMPLETE").write_text("")  # written last, as the checkpoint manager does
     return folder
 
 
