@@ -25,7 +25,8 @@ def _shard_factor(param) -> int:
         return 1
     factor = 1
     for dim_size, placement in zip(param.device_mesh.shape, param.placements):
-        if isinstance(placement, Shard) or placement.is_shard():
+        # Shard and _StridedShard (FSDP on top of a TP-sharded dim; not a Shard subclass) both split
+        if not (placement.is_replicate() or placement.is_partial()):
             factor *= dim_size
     return factor
 
@@ -35,16 +36,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    """Decayed matrices and undecayed norms/biases; DTensors and plain tensors in separate groups
+    (under plain TP the norms stay plain tensors, and foreach kernels cannot mix the two)."""
+    buckets: dict[tuple[bool, bool], list] = {}
     for model in models:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return [g for g in groups if g["params"]]
+            buckets.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+    groups = []
+    for (decay, is_dtensor), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                       "name": ("decay" if decay else "no_decay") + ("_dtensor" if is_dtensor else "")})
+    return groups
 
 
 class PartOptimizers(torch.optim.Optimizer):

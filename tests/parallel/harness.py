@@ -13,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,25 +67,24 @@ class RunResult:
     records: list = field(default_factory=list)
 
     def tail(self, n: int = 40) -> str:
-        """The last `n` lines of the workers' output, without torchrun's own report of the failure
-        (its traceback of the launcher says nothing about why a worker failed)."""
+        """The last `n` lines of the workers' output, then torchrun's one-line verdict (its own
+        traceback of the launcher says nothing about why a worker failed)."""
         lines = (self.stdout + "\n" + self.stderr).strip().splitlines()
-        cut = next((i for i, line in enumerate(lines) if "elastic/multiprocessing/api.py" in line
-                    and "failed (exitcode" in line), None)
-        summary = [lines[cut]] if cut is not None else []
-        if cut is not None:
-            lines = lines[:cut]
-        return "\n".join(lines[-n:] + summary)
+        cut = _torchrun_report_start(lines)
+        return "\n".join(lines[:cut][-n:] + lines[cut:cut + 1])
+
+
+def _torchrun_report_start(lines: list[str]) -> int:
+    """Index of the line where torchrun starts reporting a failed worker (len(lines) if none)."""
+    return next((i for i, line in enumerate(lines) if "elastic/multiprocessing/api.py" in line
+                 and "failed (exitcode" in line), len(lines))
 
 
 def _env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    env.pop("MASTER_ADDR", None)
-    env.pop("MASTER_PORT", None)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # not a worker of ours
+        env.pop(key, None)
     return env
 
 
@@ -95,9 +96,52 @@ def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
             "--monitor_interval", "0.2", str(TRAIN), "--config", str(config), *overrides]
 
 
-def run(nproc: int, overrides: list[str], workdir: Path, timeout: float = 300.0, config: Path | None = None) -> RunResult:
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc). torchrun starts each worker in a session of its own,
+    so killing torchrun's process group alone would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill_run(proc: subprocess.Popen):
+    """Kill a run this harness started: its own process group (torchrun) and every process below it."""
+    workers = _descendants(proc.pid) if os.path.isdir("/proc") else []
+    for kill, target in [(os.killpg, proc.pid), *((os.kill, pid) for pid in workers)]:
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_live():
+    """Kill the runs still going (the session is ending early)."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill_run(proc)
+
+
+def run(nproc: int, overrides: list[str], workdir: Path, timeout: float = 300.0,
+        config: Path | None = None) -> RunResult:
     """Run train.py with `nproc` processes in `workdir`; returns the metrics records of the run
-    (empty when the run failed). The whole process group is killed on timeout."""
+    (empty when the run failed). On timeout torchrun and its workers are killed."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = config or write_config(workdir)
     run_folder = workdir / "run"
@@ -105,18 +149,65 @@ def run(nproc: int, overrides: list[str], workdir: Path, timeout: float = 300.0,
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we started: torchrun and its workers
+        _kill_run(proc)
         out, err = proc.communicate()
         err += f"\n[harness] killed after {timeout:.0f}s timeout"
         return RunResult(-9, out, err, time.perf_counter() - t0)
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
     result = RunResult(proc.returncode, out, err, time.perf_counter() - t0)
     metrics = run_folder / "metrics.jsonl"
     if proc.returncode == 0 and metrics.exists():
         result.records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return result
+
+
+@dataclass(frozen=True)
+class Job:
+    """One train.py run: the unit the session runner starts ahead of time and caches."""
+    name: str
+    nproc: int
+    overrides: tuple[str, ...]
+    timeout: float = 300.0
+
+
+class Runner:
+    """Runs Jobs `workers` at a time in the background, each once per session.
+
+    The machine these tests are written for has 2 cores, and a 2-process gloo run leaves them
+    partly idle (start-up, rendezvous, waits in collectives), so two runs side by side finish
+    sooner than one after the other; the numbers compared do not depend on timing."""
+
+    def __init__(self, tmp_path_factory, workers: int):
+        self.tmp = tmp_path_factory
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="train-run")
+        self.futures: dict[Job, Future] = {}
+
+    def submit(self, job: Job) -> Future:
+        if job not in self.futures:
+            workdir = self.tmp.mktemp(job.name)  # in the calling thread: mktemp is not thread-safe
+            self.futures[job] = self.pool.submit(run, job.nproc, list(job.overrides), workdir, job.timeout)
+        return self.futures[job]
+
+    def result(self, job: Job) -> RunResult:
+        return self.submit(job).result()
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        kill_live()
+
+
+def worker_output(result: RunResult) -> str:
+    """stdout + stderr of the training processes, without torchrun's own failure report (which
+    always holds a Python traceback of the launcher)."""
+    lines = (result.stdout + "\n" + result.stderr).splitlines()
+    return "\n".join(lines[:_torchrun_report_start(lines)])
 
 
 def max_rel_diff(ref: list[float], got: list[float]) -> float:

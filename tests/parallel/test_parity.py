@@ -26,15 +26,28 @@ class Layout:
     reference: tuple[str, ...] = ()  # overrides shared with the single-process reference (model, dtype)
     tolerance: float = FP32_TOL
     steps: int = harness.STEPS
+    xfail: str = ""  # a known bug outside tests/parallel, with its fix; the test fails when it is fixed
 
-    def args(self) -> list[str]:
-        return [*self.reference, f"data.micro_num={harness.GLOBAL_MICRO // self.dp}",
-                f"data.total_steps={self.steps}", *self.overrides]
+    def reference_job(self) -> harness.Job:
+        return harness.Job("reference", 1, (*self.reference, f"data.micro_num={harness.GLOBAL_MICRO}"))
+
+    def job(self) -> harness.Job:
+        timeout = 300.0 * max(1, self.nproc // 2)
+        return harness.Job(self.name, self.nproc, (*self.reference, f"data.micro_num={harness.GLOBAL_MICRO // self.dp}",
+                                                   f"data.total_steps={self.steps}", *self.overrides), timeout)
+
+    def jobs(self) -> list[harness.Job]:
+        return [self.reference_job(), self.job()]
+
+    def param(self):
+        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=self.xfail)] if self.xfail else []
+        return pytest.param(self, id=self.name, marks=marks)
 
 
 BF16 = ("model.dtype='torch.bfloat16'",)
 INTERNLM1 = ("model_type='INTERNLM'", "model.num_kv_attention_heads=4")  # MHA with q/k/v and wo biases
 INTERNLM3 = ("model_type='INTERNLM3'", "model.head_dim=32")  # head_dim * heads (128) != hidden (64)
+
 
 LAYOUTS = [
     # data parallel / Hybrid ZeRO
@@ -52,27 +65,36 @@ LAYOUTS = [
     Layout("pp2_gpipe", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='gpipe'")),
     Layout("pp2_zbh1", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbh1'")),
     Layout("pp2_zbv", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2")),
-    # everything at once: 8 processes on a small machine, so fewer steps
+    # TP x Hybrid ZeRO (FSDP2 over DTensor TP shards), then everything at once: 8 processes on 2 cores,
+    # so fewer steps
+    Layout("tp2_dp2_zero1-2", 4, 2, ("parallel.tensor.size=2", "parallel.zero1.size=2")),
     Layout("tp2_pp2_dp2_zero1-2", 8, 2, ("parallel.tensor.size=2", "parallel.pipeline.size=2",
                                          "parallel.zero1.size=2"), steps=6),
     # bf16 against the bf16 single process (FSDP mixed precision / autocast)
     Layout("bf16_dp2_zero1-2", 2, 2, ("parallel.zero1.size=2",), reference=BF16, tolerance=BF16_TOL),
     Layout("bf16_tp2", 2, 1, ("parallel.tensor.size=2",), reference=BF16, tolerance=BF16_TOL),
     # the other model families under tensor parallelism
-    Layout("INTERNLM_tp2", 2, 1, ("parallel.tensor.size=2",), reference=INTERNLM1),
+    Layout("INTERNLM_tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'"), reference=INTERNLM1),
+    Layout("INTERNLM_tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'"), reference=INTERNLM1),
     Layout("INTERNLM3_tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'"),
            reference=INTERNLM3),
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[x.name for x in LAYOUTS])
-def test_layout_matches_single_process(layout: Layout, reference, parity_log, tmp_path):
-    ref = reference(layout.reference)
-    got = harness.run(layout.nproc, layout.args(), tmp_path)
-    parity = harness.compare(ref, got, layout.steps)
-    parity_log(layout.name, layout.nproc, parity, layout.tolerance, got.seconds)
-    assert parity.loss <= layout.tolerance and parity.grad_norm <= layout.tolerance, \
-        f"{layout.name}: {parity} exceeds {layout.tolerance:g}\n{got.tail(20)}"
+@pytest.mark.parametrize("layout", [x.param() for x in LAYOUTS])
+def test_layout_matches_single_process(layout: Layout, runner, parity_log):
+    ref = runner.result(layout.reference_job())
+    got = runner.result(layout.job())
+    try:
+        parity = harness.compare(ref, got, layout.steps)
+    except AssertionError:
+        parity_log(layout.name, layout.nproc, harness.Parity(float("nan"), float("nan"), 0), layout.tolerance,
+                   "run failed" + (" (known bug: xfail)" if layout.xfail else ""))
+        raise
+    ok = parity.loss <= layout.tolerance and parity.grad_norm <= layout.tolerance
+    parity_log(layout.name, layout.nproc, parity, layout.tolerance,
+               ("ok" if ok else "FAIL") + (" (known bug: xfail)" if layout.xfail else ""))
+    assert ok, f"{layout.name}: {parity} exceeds {layout.tolerance:g}\n{got.tail(20)}"
     # a run that trains nothing would pass the comparison too: the reference must move
     losses = [r["loss"] for r in ref.records[:layout.steps]]
     assert max(losses) - min(losses) > 1e-2 * losses[0]

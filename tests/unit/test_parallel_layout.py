@@ -1,0 +1,198 @@
+"""The parallel layout without launching processes: rank coordinates and process groups
+(internlm/parallel.py), pipeline stage placement and layer split (internlm/pipeline.py), and the
+layout errors train.py reports before any process group work starts (called in-process, and once
+through the real command line)."""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from internlm.config import load_config
+from internlm.parallel import MESH_DIMS, ParallelDims
+from internlm import pipeline as PP
+
+import train  # the entry point at the repository root, called in-process for the fast error checks
+from tests.parallel.harness import TINY_CONFIG
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------ rank layout
+
+def test_coords_tp_innermost_then_zero1_then_replicas_then_pp():
+    dims = ParallelDims(world_size=16, pp=2, dp_replicate=2, dp_shard=2, tp=2)
+    for rank in range(16):
+        c = dims.coords(rank)
+        assert c["tp"] == rank % 2
+        assert c["dp_shard"] == (rank // 2) % 2
+        assert c["dp_replicate"] == (rank // 4) % 2
+        assert c["pp"] == rank // 8
+        assert c["dp"] == c["dp_replicate"] * 2 + c["dp_shard"]
+    # the picture in doc/parallel.md
+    assert [r for r in range(16) if dims.coords(r)["pp"] == 0 and dims.coords(r)["tp"] == 0] == [0, 2, 4, 6]
+    assert [dims.coords(r)["dp"] for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_coords_are_a_bijection():
+    for pp, dpr, dps, tp in itertools.product((1, 2, 3), (1, 2), (1, 2, 4), (1, 2)):
+        world = pp * dpr * dps * tp
+        dims = ParallelDims(world_size=world, pp=pp, dp_replicate=dpr, dp_shard=dps, tp=tp)
+        seen = {tuple(dims.coords(r)[d] for d in MESH_DIMS) for r in range(world)}
+        assert len(seen) == world
+        assert {dims.coords(r)["dp"] for r in range(world)} == set(range(dims.dp))
+
+
+def test_product_must_equal_world():
+    with pytest.raises(ValueError, match="world size 8"):
+        ParallelDims(world_size=8, pp=1, dp_replicate=1, dp_shard=2, tp=2)
+
+
+def _cfg(*overrides):
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "tiny.py"
+        cfg_file.write_text(TINY_CONFIG)
+        return load_config(cfg_file, overrides)
+
+
+@pytest.mark.parametrize("zero1, world, tp, pp, want", [
+    (-1, 8, 1, 1, (1, 8)),  # all of dp
+    (0, 8, 1, 1, (1, 8)),
+    (1, 8, 1, 1, (8, 1)),  # plain replication (DDP semantics)
+    (2, 8, 1, 1, (4, 2)),  # HSDP: 4 replicas of 2-way shards
+    (4, 16, 2, 2, (1, 4)),
+    (16, 8, 2, 1, (1, 4)),  # larger than dp: capped at dp
+])
+def test_from_config_splits_dp_into_replicas_and_zero1_shards(zero1, world, tp, pp, want):
+    cfg = _cfg(f"parallel.zero1.size={zero1}", f"parallel.tensor.size={tp}", f"parallel.pipeline.size={pp}")
+    dims = ParallelDims.from_config(cfg, world)
+    assert (dims.dp_replicate, dims.dp_shard) == want
+    assert dims.dp == world // (tp * pp) and (dims.tp, dims.pp) == (tp, pp)
+
+
+def test_sequence_parallel_only_with_tp():
+    assert ParallelDims(world_size=2, tp=2, tp_mode="msp").sequence_parallel
+    assert not ParallelDims(world_size=2, tp=2, tp_mode="mtp").sequence_parallel
+    assert not ParallelDims(world_size=1, tp=1, tp_mode="msp").sequence_parallel
+
+
+# parallel.py reads the flattened "dp" dim back from the root mesh; torch warns that this slicing is deprecated
+@pytest.mark.filterwarnings("ignore:Slicing a flattened dim from root mesh")
+def test_mesh_groups_match_coords():
+    """Build the real DeviceMesh on a fake process group for a few ranks of a 16-rank world and check
+    that every mesh dimension's group is exactly the ranks that differ from this one only there."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dims = ParallelDims(world_size=16, pp=2, dp_replicate=2, dp_shard=2, tp=2)
+    coords = [dims.coords(r) for r in range(16)]
+
+    def peers(rank, along):
+        return [q for q in range(16) if all(coords[q][d] == coords[rank][d] for d in MESH_DIMS if d not in along)]
+
+    assert not dist.is_initialized()
+    for rank in (0, 5, 10, 15):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=16)
+        try:
+            mesh = dims.build_mesh("cpu")
+            for name in MESH_DIMS:
+                assert dist.get_process_group_ranks(mesh[name].get_group()) == peers(rank, {name}), name
+            dp_ranks = dist.get_process_group_ranks(mesh["dp"].get_group())
+            assert dp_ranks == peers(rank, {"dp_replicate", "dp_shard"})
+            assert mesh["dp"].get_local_rank() == coords[rank]["dp"]
+        finally:
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+@pytest.mark.parametrize("pp, chunks, mode, want", [
+    (2, 1, "1f1b", [[0], [1]]),
+    (2, 2, "1f1b", [[0, 2], [1, 3]]),  # interleaved: looped placement
+    (4, 2, "zbh1", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    (2, 2, "zbv", [[0, 3], [1, 2]]),  # V shape: the first and the last stage on rank 0
+    (4, 2, "zbv", [[0, 7], [1, 6], [2, 5], [3, 4]]),
+])
+def test_stage_ids_of_rank(pp, chunks, mode, want):
+    got = [PP.stage_ids_of_rank(r, pp, chunks, mode) for r in range(pp)]
+    assert got == want
+    assert sorted(itertools.chain(*got)) == list(range(pp * chunks))  # every stage on exactly one rank
+
+
+@pytest.mark.parametrize("num_layers, num_stages", [(4, 2), (4, 4), (8, 4), (5, 2), (7, 3), (32, 8)])
+def test_layer_range_covers_every_layer_once_in_order(num_layers, num_stages):
+    ranges = [PP.layer_range(s, num_stages, num_layers) for s in range(num_stages)]
+    assert list(itertools.chain(*ranges)) == list(range(num_layers))
+    sizes = [len(r) for r in ranges]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_layer_range_examples():
+    assert PP.layer_range(0, 4, 8) == range(0, 2) and PP.layer_range(3, 4, 8) == range(6, 8)
+    assert PP.layer_range(0, 2, 5) == range(0, 3) and PP.layer_range(1, 2, 5) == range(3, 5)
+
+
+def test_build_stage_module_keeps_global_names():
+    from internlm.model.internlm import InternLM, ModelArgs
+
+    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_attention_heads=2,
+                     multiple_of=32)
+    with torch.device("meta"):
+        full = InternLM(args)
+    stages = [PP.build_stage_module(full, s, 4) for s in range(4)]
+    assert [list(s.layers.keys()) for s in stages] == [["0"], ["1"], ["2"], ["3"]]
+    assert stages[0].tok_embeddings is not None and stages[0].output is None and stages[0].norm is None
+    assert stages[3].tok_embeddings is None and stages[3].output is not None and stages[3].norm is not None
+    names = set(itertools.chain(*(dict(s.named_parameters()).keys() for s in stages)))
+    assert names == set(dict(full.named_parameters()).keys())  # the union is the whole model, names unchanged
+
+
+# ----------------------------------------------------------------- layout errors (world-independent)
+
+LAYOUT_ERRORS = [
+    # (overrides, text the message must hold)
+    (("parallel.tensor.size=3",), "model.num_attention_heads=4 is not divisible by parallel.tensor.size=3"),
+    (("parallel.tensor.size=4",), "model.num_kv_attention_heads=2 is not divisible by parallel.tensor.size=4"),
+    (("parallel.tensor.size=2", "model.vocab_size=127"), "model.vocab_size=127"),
+    (("parallel.pipeline.size=3",), "model.num_layers=4 is not divisible by parallel.pipeline.size(3)"),
+    (("parallel.pipeline.size=2", "model.num_chunks=4"), "model.num_chunks(4)"),
+    (("model.num_chunks=2",), "model.num_chunks=2 needs pipeline parallelism"),
+    (("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'"), "parallel.pipeline.mode='zbv'"),
+    (("parallel.tensor.mode='fsp'",), "parallel.tensor.mode='fsp' is not supported"),
+    (("parallel.tensor.mode='isp'",), "parallel.tensor.mode='isp'"),
+    (("parallel.zero1.size=-2",), "parallel.zero1.size"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("layout_errors") / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", LAYOUT_ERRORS, ids=[" ".join(o) for o, _ in LAYOUT_ERRORS])
+def test_train_rejects_layout_before_launch(overrides, message, tiny_config, tmp_path, capsys):
+    """`train.py` stops with exit code 2 and a one-line message naming the key; nothing is launched
+    (no process group: the check runs while loading the config)."""
+    rc = train.main(["--config", str(tiny_config), *overrides, f"monitor.run_folder={str(tmp_path / 'run')!r}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not dist.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_layout_error_exit_code(tiny_config, tmp_path):
+    """The same through the real command line: a non-zero exit, the key named, no traceback."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config),
+                           "parallel.tensor.size=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "parallel.tensor.size=3" in proc.stderr and "model.num_attention_heads" in proc.stderr
+    assert "Traceback" not in proc.stderr
