@@ -4,8 +4,9 @@
 
 * `OursSide` wraps the real `internlm.trainer.Trainer`; `HFSide` trains the same model shape as a
   Hugging Face transformers model (`LlamaForCausalLM`, built from an InternLM3 config for INTERNLM3)
-  with the usual mixed-precision recipe: fp32 weights, `torch.autocast` for bf16/fp16, torch AdamW,
-  gradient clipping, the same micro-batches and gradient accumulation.
+  with the usual mixed-precision recipe: fp32 weights, `torch.autocast` for bf16/fp16, torch AdamW
+  (with the trainer's LR and beta2 schedules), gradient clipping, the same micro-batches and gradient
+  accumulation.
 * Both sides read the same generated tokens: the HF side builds the trainer's own packed loader from
   the same config and seed, and feeds each packed row of a micro-batch as one sequence
   (`[micro_bsz, seq_len]`, labels as ours, -100 where ours are ignored). HF has no varlen attention,
@@ -26,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from internlm import metrics as M
-from internlm.model.internlm import InternLM, ModelArgs, canonical_name, init_full_tensor
+from internlm.model.internlm import InternLM, ModelArgs, init_full_tensor
 
 __all__ = ["hf_config", "build_hf_model", "hf_param_name", "copy_initial_weights_to_hf", "copy_weights_to_hf",
-           "hf_micro_batches", "hf_loss", "OursSide", "HFSide", "serve_side", "step_stats", "cpu_stats", "median_low_index",
-           "batch_digest", "optimizer_impl", "make_adamw", "rss_bytes", "top_ops"]
+           "hf_micro_batches", "hf_loss", "OursSide", "HFSide", "profile_step", "dispatch", "serve_side",
+           "step_stats", "cpu_stats", "median_low_index", "batch_digest", "optimizer_impl", "make_adamw",
+           "rss_bytes", "top_ops"]
 
 
 # ---- the Hugging Face model of the same shape ------------------------------------------------------
@@ -69,27 +71,11 @@ def build_hf_model(args: ModelArgs, device: torch.device | str = "cpu", attn_imp
     return model.to(device).train()
 
 
-_LAYER_MAP = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
 def hf_param_name(name: str) -> str:
-    """Our parameter name -> the HF Llama name (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn...`)."""
-    name = canonical_name(name)
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    parts = name.split(".")
-    if parts[0] != "layers" or len(parts) < 4:
-        raise KeyError(f"no HF name for parameter {name!r}")
-    module, leaf = ".".join(parts[2:-1]), parts[-1]
-    if module not in _LAYER_MAP:
-        raise KeyError(f"no HF name for parameter {name!r}")
-    return f"model.layers.{parts[1]}.{_LAYER_MAP[module]}.{leaf}"
+    """Our parameter name -> the HF Llama name (the export's mapping, `internlm.hf.to_hf_name`)."""
+    from internlm.hf import to_hf_name
+
+    return to_hf_name(name)
 
 
 @torch.no_grad()
@@ -181,8 +167,8 @@ def step_stats(times: list[float]) -> dict:
 
 
 def cpu_stats(records: list[dict]) -> dict:
-    """CPU seconds (all threads of the process) per step: on a shared machine, where other jobs steal
-    wall time, this moves less than the wall time; it also counts threads that spin while waiting."""
+    """CPU seconds (all threads of the process) per step. It counts threads that spin while waiting,
+    so on a loaded machine it grows too: a cross-check of the wall time, not a replacement."""
     cpu = [r["cpu_time"] for r in records]
     return dict(cpu_time_median=statistics.median_low(cpu), cpu_times=cpu)
 
@@ -195,8 +181,26 @@ def top_ops(prof, limit: int = 15, device: str = "cpu") -> list[dict]:
         self_dev = getattr(e, "self_device_time_total", 0) or 0
         rows.append(dict(name=e.key, calls=e.count, self_cpu_ms=self_cpu / 1e3, self_device_ms=self_dev / 1e3))
     key = "self_device_ms" if device == "cuda" else "self_cpu_ms"
+    total = sum(r[key] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r[key] / total
     rows.sort(key=lambda r: r[key], reverse=True)
     return rows[:limit]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device):
@@ -218,19 +222,24 @@ class OursSide:
         self.trainer = Trainer(cfg)
         self.device = self.trainer.device
         self.iterator = iter(self.trainer.train_loader)
+        self.last_peak_memory = M.peak_memory_bytes(self.device)
 
     def describe(self) -> dict:
         t = self.trainer
         return dict(params=t.model_args.num_params(), layout=t.dims.describe(), attention=t.model_args.attn_backend,
                     optimizer=optimizer_impl(t.optimizer.impl), device=str(self.device), dtype=str(t.dtype),
                     autocast=str(t.autocast_dtype) if t.autocast_dtype else "off", threads=torch.get_num_threads(),
-                    world_size=t.world_size, tokens_per_step=t.global_tokens_per_step, compile=bool(t.cfg.model.compile))
+                    world_size=t.world_size, tokens_per_step=t.global_tokens_per_step, compile=bool(t.cfg.model.compile),
+                    torch_version=torch.__version__, device_name=_device_name(self.device),
+                    datasheet_peak_tflops=(M.known_peak_tflops(_device_name(self.device), t.dtype)
+                                           if self.device.type == "cuda" else None))
 
     def step(self) -> dict:
         batch = next(self.iterator)
         c0 = time.process_time()
         m = self.trainer.train_step(batch)
         cpu_time = time.process_time() - c0
+        self.last_peak_memory = m["peak_memory_bytes"]  # the step's figure: max over ranks
         return dict(step_time=m["step_time"], cpu_time=cpu_time, loss=m["loss"], tgs=m["tgs"], tflops=m["tflops"],
                     digest=batch_digest(batch))
 
@@ -246,7 +255,8 @@ class OursSide:
         return peaks
 
     def peak_memory(self) -> int:
-        return self.trainer._peak_memory()
+        """Peak memory as of the last training step (the peak probes that follow are not counted)."""
+        return self.last_peak_memory
 
     def close(self):
         if self.trainer.writer is not None:
@@ -263,6 +273,7 @@ class HFSide:
         from internlm.data.loader import build_train_loader
         from internlm.launch import pick_device, seed_everything
         from internlm.optim.hybrid_zero import param_groups
+        from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
         from internlm.trainer import build_sources
 
         import transformers  # noqa: F401  (imported before the baseline so its RSS counts as baseline)
@@ -281,6 +292,13 @@ class HFSide:
         kwargs = dict(lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps)
         # the same AdamW implementation our optimizer picks (fused on CUDA, foreach elsewhere)
         self.optimizer = make_adamw(param_groups([self.model], adam.weight_decay), kwargs, self.device)
+        # the trainer's learning-rate and beta2 schedules, so that the two loss curves can be compared
+        lr = cfg.lr_scheduler
+        self.lr_scheduler = WarmupCosineLR(self.optimizer, total_steps=lr.total_steps, warmup_ratio=lr.warmup_ratio,
+                                           eta_min=lr.eta_min, init_steps=lr.get("init_steps", 0))
+        b2 = cfg.beta2_scheduler
+        self.beta2_scheduler = Beta2Scheduler(self.optimizer, init_beta2=b2.init_beta2, c=b2.c,
+                                              cur_iter=b2.get("cur_iter", -1))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = cfg.hybrid_zero_optimizer.get("clip_grad_norm") or 0.0
         self.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
@@ -332,6 +350,8 @@ class HFSide:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.beta2_scheduler.step()
         loss_value = (total / len(micro)).item()
         _sync(self.device)
         step_time = time.perf_counter() - t0
@@ -365,11 +385,26 @@ def profile_step(side, limit: int = 15) -> list[dict]:
 
 # ---- one side in its own process ---------------------------------------------------------------------
 
-def serve_side(side_name: str, config_path: str, overrides: list[str], conn) -> None:
-    """Entry point of a worker process: build one side, then answer commands until told to stop.
+def dispatch(side, cmd: tuple):
+    """Answer one command to a side: ("describe",), ("run", n), ("peaks", seconds), ("memory",),
+    ("profile", limit)."""
+    op = cmd[0]
+    if op == "describe":
+        return side.describe()
+    if op == "run":
+        return side.run(cmd[1])
+    if op == "peaks":
+        return side.measure_peaks(*cmd[1:])
+    if op == "memory":
+        return dict(peak_memory_bytes=side.peak_memory(), baseline_rss=side.baseline_rss)
+    if op == "profile":
+        return profile_step(side, cmd[1])
+    raise ValueError(f"unknown command {cmd!r}")
 
-    Commands are tuples: ("describe",), ("run", n), ("peaks", seconds), ("memory",), ("profile", limit), ("stop",).
-    Every answer is ("ok", value) or ("error", traceback text)."""
+
+def serve_side(side_name: str, config_path: str, overrides: list[str], conn) -> None:
+    """Entry point of a worker process: build one side, then answer `dispatch` commands until
+    ("stop",). Every answer is ("ok", value) or ("error", traceback text)."""
     side = None
     try:
         from internlm.config import load_config
@@ -379,23 +414,10 @@ def serve_side(side_name: str, config_path: str, overrides: list[str], conn) -> 
         conn.send(("ok", "ready"))
         while True:
             cmd = conn.recv()
-            op = cmd[0]
-            if op == "stop":
+            if cmd[0] == "stop":
                 conn.send(("ok", None))
                 break
-            if op == "describe":
-                value = side.describe()
-            elif op == "run":
-                value = side.run(cmd[1])
-            elif op == "peaks":
-                value = side.measure_peaks(*cmd[1:])
-            elif op == "memory":
-                value = dict(peak_memory_bytes=side.peak_memory(), baseline_rss=side.baseline_rss)
-            elif op == "profile":
-                value = profile_step(side, cmd[1])
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            conn.send(("ok", value))
+            conn.send(("ok", dispatch(side, cmd)))
     except BaseException:  # report anything to the parent instead of dying silently
         try:
             conn.send(("error", traceback.format_exc()))

@@ -102,20 +102,9 @@ class _Local:
         self.side = OursSide(cfg)
 
     def call(self, *cmd):
-        from internlm.bench import profile_step
+        from internlm.bench import dispatch
 
-        op = cmd[0]
-        if op == "describe":
-            return self.side.describe()
-        if op == "run":
-            return self.side.run(cmd[1])
-        if op == "peaks":
-            return self.side.measure_peaks(*cmd[1:])
-        if op == "memory":
-            return dict(peak_memory_bytes=self.side.peak_memory(), baseline_rss=self.side.baseline_rss)
-        if op == "profile":
-            return profile_step(self.side, cmd[1])
-        raise ValueError(op)
+        return dispatch(self.side, cmd)
 
     def stop(self):
         self.side.close()
@@ -203,14 +192,82 @@ def table_row(r: dict) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------
 
+def _start_sides(args, cfg, overrides) -> list:
+    if not args.compare:
+        return [_Local(cfg)]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    sides = [_Remote(ctx, "ours", args.config, overrides), _Remote(ctx, "hf", args.config, overrides)]
+    for s in sides:
+        s.ready()
+    return sides
+
+
+def _describe(log, info: dict, hf_info: dict | None, args) -> None:
+    log(f"[bench] layout: {info['layout']}  device: {info['device']} ({info['device_name']})  "
+        f"torch threads: {info['threads']}")
+    log(f"[bench] ours: {info['params'] / 1e6:.2f}M params, attention={info['attention']}, "
+        f"optimizer={info['optimizer']}, dtype={info['dtype']}, autocast={info['autocast']}, compile={info['compile']}")
+    if hf_info:
+        log(f"[bench] hf:   {hf_info['model']} {hf_info['params'] / 1e6:.2f}M params, attention={hf_info['attention']}, "
+            f"optimizer={hf_info['optimizer']}, {hf_info['dtype']}, autocast={hf_info['autocast']}")
+    log(f"[bench] tokens per step: {info['tokens_per_step']}; warmup {args.warmup}, measure {args.steps} steps"
+        + (f", alternating {args.alternate} at a time" if args.compare else ""))
+
+
+def benchmark(args, cfg, sides, log) -> dict:
+    """Run the steps on every side and gather the figures into one flat dict."""
+    ours = sides[0]
+    info = ours.call("describe")
+    hf_info = sides[1].call("describe") if len(sides) > 1 else None
+    _describe(log, info, hf_info, args)
+    load_before = _loadavg()
+    peaks = ours.call("peaks", args.peak_seconds)
+    records = _alternate(sides, args.warmup, args.steps, args.alternate, log)
+    load_after = _loadavg()
+    after = ours.call("peaks", args.peak_seconds)  # a peak is a best case: keep the better probe
+    peaks = {k: max(v, after[k]) for k, v in peaks.items()}
+    peak = peaks.get(info["dtype"].replace("torch.", ""), peaks["float32"])
+    mem = ours.call("memory")
+    keys = ("layout", "params", "world_size", "tokens_per_step", "device", "device_name", "dtype", "threads",
+            "attention", "optimizer", "torch_version")
+    result = dict(name=args.name or Path(args.config).stem, config=args.config, overrides=list(args.overrides),
+                  steps=args.steps, warmup=args.warmup, **{k: info[k] for k in keys},
+                  loadavg_1min=[load_before, load_after], cpu_count=os.cpu_count(),
+                  peak_tflops=peak, peak_tflops_bf16=peaks["bfloat16"], peak_tflops_fp32=peaks["float32"],
+                  peak_memory_bytes=mem["peak_memory_bytes"], memory_baseline_bytes=mem["baseline_rss"])
+    result.update(_figures(cfg, info, records["ours"], peak, info["world_size"]))
+    sheet = info["datasheet_peak_tflops"]
+    if sheet:  # a known GPU: MFU against its data-sheet peak too
+        result.update(peak_tflops_datasheet=sheet, mfu_datasheet=result["mfu"] * peak / sheet)
+    if hf_info:
+        hf_mem = sides[1].call("memory")
+        hf = _figures(cfg, hf_info, records["hf"], peak, 1)
+        result.update({f"hf_{k}": v for k, v in hf.items() if k != "model_flops_per_token"})
+        result.update(hf_params=hf_info["params"], hf_model=hf_info["model"], hf_attention=hf_info["attention"],
+                      hf_optimizer=hf_info["optimizer"], hf_peak_memory_bytes=hf_mem["peak_memory_bytes"],
+                      hf_memory_baseline_bytes=hf_mem["baseline_rss"], speedup_vs_hf=result["tgs"] / hf["tgs"],
+                      speedup_vs_hf_cpu_time=hf["cpu_time_median"] / result["cpu_time_median"])
+        if hf_info["params"] != info["params"]:
+            log(f"[bench] WARNING: parameter counts differ: ours {info['params']}, hf {hf_info['params']}")
+    if args.profile:
+        on_gpu = info["device"].startswith("cuda")
+        for s in sides:
+            ops = s.call("profile", 15)
+            result[f"profile_{s.name}"] = ops
+            log(f"[bench] profile of one more {s.name} step, top ops by self {'CUDA' if on_gpu else 'CPU'} time:")
+            for o in ops:
+                log(f"    {o['name'][:60]:60s} calls={o['calls']:6d} self_cpu={o['self_cpu_ms']:9.1f} ms"
+                    + (f" self_cuda={o['self_device_ms']:9.1f} ms" if on_gpu else "") + f" {100 * o['share']:5.1f}%")
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     from internlm.config import load_config
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.compare and world > 1:
+    if args.compare and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print("[bench] --compare hf runs in one process (the HF loop has no parallel layout); "
               "run it without torchrun", file=sys.stderr)
         return 2
@@ -219,78 +276,10 @@ def main(argv=None) -> int:
     run_folder = tempfile.mkdtemp(prefix="internlm_bench_")
     overrides = list(args.overrides) + FORCED + [f"monitor.run_folder={run_folder!r}"]
     cfg = load_config(args.config, overrides)
-
     sides = []
     try:
-        if args.compare:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            sides = [_Remote(ctx, "ours", args.config, overrides), _Remote(ctx, "hf", args.config, overrides)]
-            for s in sides:
-                s.ready()
-        else:
-            sides = [_Local(cfg)]
-        ours = sides[0]
-        info = ours.call("describe")
-        load_before = _loadavg()
-        peaks = ours.call("peaks", args.peak_seconds)
-        hf_info = sides[1].call("describe") if args.compare else None
-        log(f"[bench] layout: {info['layout']}  device: {info['device']}  torch threads: {info['threads']}")
-        log(f"[bench] ours: {info['params'] / 1e6:.2f}M params, attention={info['attention']}, "
-            f"optimizer={info['optimizer']}, dtype={info['dtype']}, autocast={info['autocast']}, "
-            f"compile={info['compile']}")
-        if hf_info:
-            log(f"[bench] hf:   {hf_info['model']} {hf_info['params'] / 1e6:.2f}M params, "
-                f"attention={hf_info['attention']}, optimizer={hf_info['optimizer']}, "
-                f"{hf_info['dtype']}, autocast={hf_info['autocast']}")
-        log(f"[bench] tokens per step: {info['tokens_per_step']}; warmup {args.warmup}, measure {args.steps} steps"
-            + (f", alternating {args.alternate} at a time" if args.compare else ""))
-
-        records = _alternate(sides, args.warmup, args.steps, args.alternate, log)
-
-        # the peak is a best case: take the better of the probes before and after the run
-        load_after = _loadavg()
-        after = ours.call("peaks", args.peak_seconds)
-        peaks = {k: max(v, after[k]) for k, v in peaks.items()}
-        dtype_key = info["dtype"].replace("torch.", "")
-        peak = peaks.get(dtype_key, peaks["float32"])
-        mem = ours.call("memory")
-        result = dict(name=args.name or Path(args.config).stem, config=args.config, overrides=list(args.overrides),
-                      steps=args.steps, warmup=args.warmup, layout=info["layout"], params=info["params"],
-                      world_size=info["world_size"], tokens_per_step=info["tokens_per_step"], device=info["device"],
-                      dtype=info["dtype"], threads=info["threads"], attention=info["attention"],
-                      optimizer=info["optimizer"], torch_version=torch.__version__,
-                      loadavg_1min=[load_before, load_after], cpu_count=os.cpu_count(),
-                      peak_tflops=peak, peak_tflops_bf16=peaks["bfloat16"], peak_tflops_fp32=peaks["float32"],
-                      peak_memory_bytes=mem["peak_memory_bytes"], memory_baseline_bytes=mem["baseline_rss"])
-        result.update(_figures(cfg, info, records["ours"], peak, info["world_size"]))
-        if info["device"].startswith("cuda"):
-            from internlm import metrics as M
-
-            sheet = M.known_peak_tflops(torch.cuda.get_device_name(), torch.bfloat16 if "bfloat16" in dtype_key
-                                        else torch.float16 if "float16" in dtype_key else torch.float32)
-            if sheet:
-                result.update(peak_tflops_datasheet=sheet, mfu_datasheet=result["mfu"] * peak / sheet)
-        if args.compare:
-            hf_mem = sides[1].call("memory")
-            hf = _figures(cfg, hf_info, records["hf"], peak, 1)
-            result.update({f"hf_{k}": v for k, v in hf.items() if k != "model_flops_per_token"})
-            result.update(hf_params=hf_info["params"], hf_model=hf_info["model"], hf_attention=hf_info["attention"],
-                          hf_optimizer=hf_info["optimizer"], hf_peak_memory_bytes=hf_mem["peak_memory_bytes"],
-                          hf_memory_baseline_bytes=hf_mem["baseline_rss"],
-                          speedup_vs_hf=result["tgs"] / hf["tgs"],
-                          speedup_vs_hf_cpu_time=hf["cpu_time_median"] / result["cpu_time_median"])
-            if hf_info["params"] != info["params"]:
-                log(f"[bench] WARNING: parameter counts differ: ours {info['params']}, hf {hf_info['params']}")
-        if args.profile:
-            for s in sides:
-                ops = s.call("profile", 15)
-                result[f"profile_{s.name}"] = ops
-                log(f"[bench] profile of one {s.name} step, top ops by self {'device' if 'cuda' in info['device'] else 'CPU'} time:")
-                for o in ops:
-                    log(f"    {o['name'][:48]:48s} calls={o['calls']:6d} self_cpu={o['self_cpu_ms']:9.1f} ms"
-                        + (f" self_cuda={o['self_device_ms']:9.1f} ms" if "cuda" in info["device"] else ""))
+        sides = _start_sides(args, cfg, overrides)
+        result = benchmark(args, cfg, sides, log)
     finally:
         for s in sides:
             try:
@@ -304,9 +293,10 @@ def main(argv=None) -> int:
         shutil.rmtree(run_folder, ignore_errors=True)
 
     if rank == 0:
+        load = " -> ".join(f"{x:.1f}" for x in result["loadavg_1min"] if x is not None)
         print(f"[bench] peak matmul TFLOPS measured here: bf16 {result['peak_tflops_bf16']:.4f}, "
-              f"fp32 {result['peak_tflops_fp32']:.4f}; MFU against {dtype_key} {peak:.4f}; "
-              f"load average {load_before} -> {load_after} on {os.cpu_count()} CPUs")
+              f"fp32 {result['peak_tflops_fp32']:.4f}; MFU uses {result['peak_tflops']:.4f}; "
+              f"load average {load} on {result['cpu_count']} CPUs")
         print(HEADER)
         print(table_row(result), flush=True)
         if args.json:
