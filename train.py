@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=None, help="master port (slurm; overrides torchrun's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as a JSON object")
     p.add_argument("--peak-seconds", type=float, default=0.5, help="time per dtype of the matmul peak probe")
     p.add_argument("--name", default=None, help="row label in the table (default: the config's file name)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.alternate < 1:
         p.error("--steps and --alternate must be >= 1 and --warmup >= 0")
     return args

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
     p.add_argument("--max_mb", type=float, default=None, help="corpus size (default: the data module's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from internlm.data.demo import prepare_demo_data
 
