@@ -407,7 +407,7 @@ _MODEL = _Section({
     "qk_interleaved": _f("bool", False),  # accepted for InternEvo configs; no effect
     "enable_qkv_fusion": _accepted("bool"),
     "compile": _f("bool", False),
-    "attn_backend": _f("str", "auto", choices=("auto", "flash", "sdpa", "sdpa_loop")),
+    "attn_backend": _f("str", "auto", choices=("auto", "flash", "sdpa", "sdpa_mask", "sdpa_loop")),
 })
 
 _DATA = _Section({

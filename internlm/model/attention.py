@@ -2,12 +2,26 @@
 
 A packed micro-batch is one row of several samples; `position_ids` restart at 0 where a sample
 starts, so they carry both the rotary positions and the sample boundaries. Attention never crosses
-a boundary. Backends:
+a boundary. The model works out the layout of the samples once per forward (`plan_attention`) and
+every layer reuses it. Backends:
+
 - "flash": flash-attn's varlen kernel (CUDA, when importable), fed cu_seqlens;
-- "sdpa": PyTorch SDPA with a block-diagonal causal mask (one kernel call, any device);
-- "sdpa_loop": PyTorch SDPA per sample with is_causal=True (no mask, fastest on CPU for long rows).
+- "sdpa" (default without flash-attn): PyTorch SDPA, in as few and as regular calls as the layout
+  allows. The row is cut into the shortest equal *windows* that start at sample boundaries (the
+  loader packs `micro_bsz` rows of `seq_len` tokens end to end and no sample crosses a row, so
+  windows are at most `seq_len` long). Then:
+    * one sample per window: one causal call over all windows, no mask;
+    * windows up to `MASK_WINDOW_MAX` tokens: one call with a block-diagonal causal mask (at that
+      size the CPU kernel does not skip masked blocks even when causal, so the mask is free);
+    * longer windows: the samples are grouped by length rounded up to `BUCKET` tokens and each
+      group is one causal call on right-padded samples (padding after a sample cannot reach it
+      under a causal mask, so the result is exact). Few calls, few distinct shapes.
+- "sdpa_mask": one masked SDPA call per window, always;
+- "sdpa_loop": one SDPA call per sample (the simplest reference).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +30,10 @@ try:  # optional GPU fast path
     from flash_attn import flash_attn_varlen_func  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_varlen_func = None
+
+BACKENDS = ("flash", "sdpa", "sdpa_mask", "sdpa_loop")
+MASK_WINDOW_MAX = 512  # windows up to this length use one masked call (see the module docstring)
+BUCKET = 64  # samples in longer windows are padded to a multiple of this many tokens
 
 
 def flash_available() -> bool:
@@ -27,11 +45,11 @@ def resolve_backend(requested: str, device: torch.device, use_flash_attn: bool =
         if not flash_available():
             raise RuntimeError("model.attn_backend='flash' needs flash-attn and a CUDA device")
         return "flash"
-    if requested in ("sdpa", "sdpa_loop"):
+    if requested in BACKENDS:
         return requested
     if use_flash_attn and device.type == "cuda" and flash_available():
         return "flash"
-    return "sdpa_loop" if device.type == "cpu" else "sdpa"
+    return "sdpa"
 
 
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -40,60 +58,137 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sample lengths over the flattened [B*T] tokens and the longest sample."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0, as_tuple=False).flatten()
-    if starts.numel() == 0 or starts[0] != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
+    """Cumulative sample lengths over the flattened [B*T] tokens and the longest sample.
+    Every row of a [B, T] batch starts a sample, whatever its first position."""
+    bsz, seqlen = position_ids.shape
+    is_start = position_ids == 0
+    is_start[:, 0] = True
+    starts = torch.nonzero(is_start.reshape(-1), as_tuple=False).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([bsz * seqlen])])
     cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
     return cu, int((ends - starts).max().item())
 
 
-def _segment_lengths(positions: torch.Tensor) -> list[int]:
-    """Lengths of the packed samples of one row of positions (a new sample where position == 0)."""
-    starts = torch.nonzero(positions == 0, as_tuple=False).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    bounds = starts + [positions.numel()]
-    return [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+@dataclass
+class AttentionPlan:
+    """The layout of the packed samples of one micro-batch, shared by every layer's attention.
+
+    kind: "flash" | "rows" (one sample per window) | "mask" (block-diagonal mask per window) |
+    "buckets" (padded samples grouped by length) | "loop" (one call per sample)."""
+
+    kind: str
+    batch: int
+    seqlen: int
+    window: int = 0
+    mask: torch.Tensor | None = None  # [n_windows, 1, W, W] bool, kind "mask"
+    lengths: tuple[int, ...] = ()  # sample lengths in order, kind "loop"
+    groups: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (count, padded length, gather index)
+    scatter: torch.Tensor | None = None  # token -> row of the concatenated group outputs
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
 
 
-def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int):
-    rep = n_heads // k.shape[2]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=2)
-        v = v.repeat_interleave(rep, dim=2)
-    return k, v
+def _window(is_start: torch.Tensor) -> int:
+    """Shortest W dividing the flat length such that every W-th token starts a sample."""
+    n = is_start.numel()
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    for w in sorted(set(small + [n // d for d in small])):
+        if bool(is_start[::w].all()):
+            return w
+    return n
 
 
-def packed_attention(q, k, v, position_ids, backend: str, scale: float | None = None) -> torch.Tensor:
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]; causal within each packed sample."""
-    bsz, seqlen, n_heads, head_dim = q.shape
+def plan_attention(position_ids: torch.Tensor, backend: str) -> AttentionPlan:
+    """Work out once per forward how `packed_attention` runs on these packed samples."""
+    bsz, seqlen = position_ids.shape
+    if backend not in BACKENDS:
+        backend = resolve_backend(backend, position_ids.device)
     if backend == "flash":
         cu, max_len = cu_seqlens(position_ids)
-        out = flash_attn_varlen_func(
-            q.reshape(bsz * seqlen, n_heads, head_dim), k.reshape(bsz * seqlen, -1, head_dim),
-            v.reshape(bsz * seqlen, -1, head_dim), cu, cu, max_len, max_len, causal=True,
-            softmax_scale=scale)
-        return out.view(bsz, seqlen, n_heads, head_dim)
-    k, v = _expand_kv(k, v, n_heads)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        return AttentionPlan("flash", bsz, seqlen, cu_seqlens=cu, max_len=max_len)
+    device = position_ids.device
+    is_start = position_ids.detach().to("cpu") == 0
+    is_start[:, 0] = True  # a row (or a pipeline chunk) always starts a new sample
+    is_start = is_start.reshape(-1)
+    starts = torch.nonzero(is_start).flatten().tolist()
+    bounds = starts + [is_start.numel()]
+    lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     if backend == "sdpa_loop":
+        return AttentionPlan("loop", bsz, seqlen, lengths=lengths)
+    window = _window(is_start)
+    n_windows = is_start.numel() // window
+    if backend == "sdpa" and len(lengths) == n_windows:
+        return AttentionPlan("rows", bsz, seqlen, window=window)
+    if backend == "sdpa_mask" or window <= MASK_WINDOW_MAX:
+        seg = torch.cumsum(is_start.to(torch.int32), 0).view(n_windows, window).to(device)
+        causal = torch.ones(window, window, dtype=torch.bool, device=device).tril()
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal
+        return AttentionPlan("mask", bsz, seqlen, window=window, mask=mask[:, None])
+    return _bucket_plan(bsz, seqlen, starts, lengths, device)
+
+
+def _bucket_plan(bsz, seqlen, starts, lengths, device) -> AttentionPlan:
+    total = bsz * seqlen
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for s, n in zip(starts, lengths):
+        by_len.setdefault(-(-n // BUCKET) * BUCKET, []).append((s, n))
+    groups, scatter, offset = [], torch.empty(total, dtype=torch.long), 0
+    for padded, items in sorted(by_len.items()):
+        # gather index into the tokens plus one zero row (index `total`) used as padding
+        index = torch.full((len(items), padded), total, dtype=torch.long)
+        for j, (s, n) in enumerate(items):
+            index[j, :n] = torch.arange(s, s + n)
+            scatter[s:s + n] = torch.arange(offset + j * padded, offset + j * padded + n)
+        groups.append((len(items), padded, index.flatten().to(device)))
+        offset += len(items) * padded
+    return AttentionPlan("buckets", bsz, seqlen, groups=tuple(groups), scatter=scatter.to(device))
+
+
+def _sdpa(q, k, v, **kw):
+    """SDPA on [B, H, T, D] with grouped KV heads: natively on CPU, repeated elsewhere (the fused CUDA
+    kernels other than flash do not all take enable_gqa)."""
+    if k.shape[1] != q.shape[1]:
+        if q.device.type == "cpu":
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def packed_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]; causal within each packed sample."""
+    bsz, seqlen, n_heads, head_dim = q.shape
+    total = bsz * seqlen
+    if plan.kind == "flash":
+        out = flash_attn_varlen_func(
+            q.reshape(total, n_heads, head_dim), k.reshape(total, -1, head_dim),
+            v.reshape(total, -1, head_dim), plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
+            causal=True, softmax_scale=scale)
+        return out.view(bsz, seqlen, n_heads, head_dim)
+    if plan.kind in ("rows", "mask"):
+        w = plan.window
+        q, k, v = (t.reshape(total // w, w, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        if plan.kind == "rows":
+            out = _sdpa(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = _sdpa(q, k, v, attn_mask=plan.mask, scale=scale)
+        return out.transpose(1, 2).reshape(bsz, seqlen, n_heads, head_dim)
+    if plan.kind == "loop":
         # torch.split (not slicing) so that backward joins the pieces' gradients with one cat
         # instead of zero-filling a full-size gradient per sample
-        rows = []
-        for b in range(bsz):
-            lens = _segment_lengths(position_ids[b])
-            qs, ks, vs = (t[b:b + 1].split(lens, dim=2) for t in (q, k, v))
-            pieces = [F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-                      for qi, ki, vi in zip(qs, ks, vs)]
-            rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-        out = torch.cat(rows, dim=0) if bsz > 1 else rows[0]
-    else:
-        seg = segment_ids(position_ids)
-        same = seg[:, :, None] == seg[:, None, :]
-        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
-        mask = (same & causal)[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+        qs, ks, vs = (t.reshape(1, total, -1, head_dim).transpose(1, 2).split(plan.lengths, dim=2)
+                      for t in (q, k, v))
+        pieces = [_sdpa(qi, ki, vi, is_causal=True, scale=scale) for qi, ki, vi in zip(qs, ks, vs)]
+        out = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        return out.transpose(1, 2).reshape(bsz, seqlen, n_heads, head_dim)
+    # buckets: gather right-padded samples (padding reads an appended zero row), scatter back
+    flat = [t.reshape(total, -1, head_dim) for t in (q, k, v)]
+    flat = [torch.cat([t, t.new_zeros(1, *t.shape[1:])]) for t in flat]
+    outs = []
+    for count, padded, index in plan.groups:
+        qg, kg, vg = (t.index_select(0, index).view(count, padded, -1, head_dim).transpose(1, 2) for t in flat)
+        outs.append(_sdpa(qg, kg, vg, is_causal=True, scale=scale).transpose(1, 2).reshape(count * padded, n_heads,
+                                                                                            head_dim))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out.index_select(0, plan.scatter).view(bsz, seqlen, n_heads, head_dim)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internlm.model.attention import packed_attention
+from internlm.model.attention import AttentionPlan, packed_attention, plan_attention
 from internlm.model.ops import RMSNorm, apply_rope, rope_cos_sin, swiglu_hidden_dim
 
 MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2")
@@ -95,16 +95,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
         self.wv = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
         self.wo = nn.Linear(args.num_attention_heads * hd, h, bias=args.o_bias)
-        self.backend = args.attn_backend
 
-    def forward(self, x, cos, sin, position_ids):
+    def forward(self, x, cos, sin, plan: AttentionPlan):
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism the projections hold only the local heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, position_ids, self.backend)
+        out = packed_attention(q, k, v, plan)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -129,8 +128,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, position_ids):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
+    def forward(self, x, cos, sin, plan: AttentionPlan):
+        x = x + self.attention(self.attention_norm(x), cos, sin, plan)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -147,8 +146,6 @@ class InternLM(nn.Module):
 
     def set_attn_backend(self, backend: str):
         self.args.attn_backend = backend
-        for block in self.layers.values():
-            block.attention.backend = backend
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, T] on the first pipeline stage, hidden states [B, T, h] elsewhere.
@@ -159,8 +156,9 @@ class InternLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_base,
                                 self.args.rope_scaling, self.args.max_position_embeddings)
+        plan = plan_attention(position_ids, self.args.attn_backend)  # shared by every layer
         for block in self.layers.values():
-            h = block(h, cos, sin, position_ids)
+            h = block(h, cos, sin, plan)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -52,7 +52,7 @@ def test_tool_writes_json(tmp_path):
     assert len(result["step_times"]) == 2
     assert result["step_time_min"] <= result["step_time_median"] <= result["step_time_max"]
     assert result["peak_tflops"] == result["peak_tflops_bf16"]  # the demo model trains in bf16
-    assert "attention=sdpa_loop" in stdout and "optimizer=AdamW" in stdout
+    assert "attention=sdpa" in stdout and "optimizer=AdamW" in stdout
     assert not (tmp_path / "runs").exists()  # the run folder is temporary
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internlm.model.attention import cu_seqlens, packed_attention, resolve_backend
+from internlm.model import attention
+from internlm.model.attention import cu_seqlens, packed_attention, plan_attention, resolve_backend
 from internlm.model.internlm import InternLM, ModelArgs, init_full_tensor
 from internlm.model.ops import apply_rope, dynamic_ntk_base, rope_cos_sin, swiglu_hidden_dim
 from internlm.parallelize import init_parameters
@@ -65,26 +66,67 @@ def test_swiglu_width_as_internevo():
     assert swiglu_hidden_dim(4096, 8 / 3, 256) == 11008  # InternLM-7B / Llama-7B FFN width
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_loop"])
-def test_packed_attention_equals_each_sample_alone(backend):
-    torch.manual_seed(0)
-    lens = [5, 11, 1, 7]
-    T = sum(lens)
-    q, k, v = torch.randn(1, T, 4, 8), torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8)
-    pos = torch.cat([torch.arange(n) for n in lens])[None]
-    out = packed_attention(q, k, v, pos, backend)
-    start = 0
+def _each_sample_alone(q, k, v, lens):
+    outs, start = [], 0
+    rep = q.shape[2] // k.shape[2]
     for n in lens:
         sl = slice(start, start + n)
-        kk = k[:, sl].repeat_interleave(2, dim=2)
-        vv = v[:, sl].repeat_interleave(2, dim=2)
-        ref = F.scaled_dot_product_attention(q[:, sl].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                             is_causal=True).transpose(1, 2)
-        torch.testing.assert_close(out[:, sl], ref, atol=1e-5, rtol=1e-5)
+        kk = k[:, sl].repeat_interleave(rep, dim=2)
+        vv = v[:, sl].repeat_interleave(rep, dim=2)
+        outs.append(F.scaled_dot_product_attention(q[:, sl].transpose(1, 2), kk.transpose(1, 2),
+                                                   vv.transpose(1, 2), is_causal=True).transpose(1, 2))
         start += n
+    return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_loop"])
+# (sample lengths, backend, small-window limit, the plan the backend must choose)
+ATTENTION_LAYOUTS = [
+    ([5, 11, 1, 7], "sdpa", 512, "mask"),  # one window of 24 tokens, four samples
+    ([6, 6, 6, 6], "sdpa", 512, "rows"),  # four windows of one sample each: plain causal rows
+    ([5, 7, 12, 3, 9], "sdpa", 512, "mask"),  # windows of 12 tokens (rows of a micro_bsz=3 batch)
+    ([5, 11, 1, 7, 70, 2], "sdpa", 16, "buckets"),  # a window above the limit: padded length groups
+    ([5, 11, 1, 7], "sdpa_mask", 512, "mask"),
+    ([6, 6, 6, 6], "sdpa_mask", 512, "mask"),
+    ([5, 11, 1, 7], "sdpa_loop", 512, "loop"),
+]
+
+
+@pytest.mark.parametrize("lens,backend,limit,kind", ATTENTION_LAYOUTS)
+def test_packed_attention_equals_each_sample_alone(lens, backend, limit, kind, monkeypatch):
+    monkeypatch.setattr(attention, "MASK_WINDOW_MAX", limit)
+    monkeypatch.setattr(attention, "BUCKET", 8)
+    torch.manual_seed(0)
+    T = sum(lens)
+    q, k, v = (torch.randn(1, T, h, 8, requires_grad=True) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    plan = plan_attention(pos, backend)
+    assert plan.kind == kind
+    out = packed_attention(q, k, v, plan)
+    grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), (q, k, v))
+    ref = _each_sample_alone(q, k, v, lens)
+    ref_grads = torch.autograd.grad((ref * torch.arange(ref.numel()).view_as(ref).sin()).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_windows_follow_sample_starts():
+    starts = lambda lens: torch.cat([torch.arange(n) for n in lens]) == 0  # noqa: E731
+    assert attention._window(starts([4, 4, 4, 4])) == 4
+    assert attention._window(starts([2, 2, 4, 3, 1, 4])) == 4
+    assert attention._window(starts([3, 5, 8])) == 8  # 16 tokens: 8 is the shortest window that fits
+    assert attention._window(starts([3, 13])) == 16
+
+
+def test_batched_rows_each_start_a_sample():
+    """In a [B, T] batch every row starts a sample, even when its first position is not 0."""
+    pos = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 1]])
+    assert plan_attention(pos, "sdpa_loop").lengths == (4, 2, 2)
+    cu, max_len = cu_seqlens(pos)
+    assert cu.tolist() == [0, 4, 6, 8] and max_len == 4
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
 def test_packed_model_equals_separate_samples(backend):
     model = build(tiny(attn_backend=backend))
     x = torch.randint(0, 97, (1, 21))
@@ -101,7 +143,7 @@ def test_cu_seqlens():
 
 
 def test_backend_selection_on_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa_loop"
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("sdpa", torch.device("cpu")) == "sdpa"
     with pytest.raises(RuntimeError, match="flash-attn"):
         resolve_backend("flash", torch.device("cpu"))
