@@ -134,11 +134,12 @@ def optimizer_impl(opt: torch.optim.Optimizer) -> str:
     return f"{type(inner[0]).__name__} ({kind}){count}"
 
 
-def make_adamw(groups, kwargs, device: torch.device) -> torch.optim.AdamW:
-    """The AdamW implementation our HybridZeroOptimizer picks: fused on CUDA, foreach elsewhere."""
-    if device.type == "cuda":
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+def make_adamw(groups, kwargs, device: torch.device, impl: str = "auto") -> torch.optim.Optimizer:
+    """The AdamW implementation our HybridZeroOptimizer picks for `adam.impl` (torch's fused one by
+    default), so that both sides of a comparison step the same optimizer."""
+    from internlm.optim.hybrid_zero import make_adamw as _make, resolve_adamw_impl
+
+    return _make(groups, kwargs, resolve_adamw_impl(impl, device, has_dtensors=False))
 
 
 def batch_digest(batch: dict) -> int:
@@ -230,7 +231,7 @@ class OursSide:
                     optimizer=optimizer_impl(t.optimizer.impl), device=str(self.device), dtype=str(t.dtype),
                     autocast=str(t.autocast_dtype) if t.autocast_dtype else "off", threads=torch.get_num_threads(),
                     world_size=t.world_size, tokens_per_step=t.global_tokens_per_step, compile=bool(t.cfg.model.compile),
-                    torch_version=torch.__version__, device_name=_device_name(self.device),
+                    torch_version=torch.__version__, device_name=_device_name(self.device), kernels=dict(t.kernels),
                     datasheet_peak_tflops=(M.known_peak_tflops(_device_name(self.device), t.dtype)
                                            if self.device.type == "cuda" else None))
 
@@ -290,8 +291,9 @@ class HFSide:
             copy_initial_weights_to_hf(self.args, self.seed, self.model)
         adam = cfg.adam
         kwargs = dict(lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps)
-        # the same AdamW implementation our optimizer picks (fused on CUDA, foreach elsewhere)
-        self.optimizer = make_adamw(param_groups([self.model], adam.weight_decay), kwargs, self.device)
+        # the same AdamW implementation our optimizer picks (adam.impl)
+        self.optimizer = make_adamw(param_groups([self.model], adam.weight_decay), kwargs, self.device,
+                                    adam.get("impl", "auto"))
         # the trainer's learning-rate and beta2 schedules, so that the two loss curves can be compared
         lr = cfg.lr_scheduler
         self.lr_scheduler = WarmupCosineLR(self.optimizer, total_steps=lr.total_steps, warmup_ratio=lr.warmup_ratio,

@@ -406,8 +406,10 @@ _MODEL = _Section({
     "mlp_layer_fusion": _f("bool", False),  # accepted for InternEvo configs; no effect
     "qk_interleaved": _f("bool", False),  # accepted for InternEvo configs; no effect
     "enable_qkv_fusion": _accepted("bool"),
+    "checkpoint_policy": _f("str", "full", choices=("full", "selective")),
     "compile": _f("bool", False),
     "attn_backend": _f("str", "auto", choices=("auto", "flash", "sdpa", "sdpa_mask", "sdpa_loop")),
+    "attn_compute": _f("str", "auto", choices=("auto", "input", "float32")),
 })
 
 _DATA = _Section({
@@ -453,7 +455,8 @@ _HYBRID_ZERO = _Section({
 
 _LOSS = _Section({
     "label_smoothing": _f("float", 0.0, ge=0, lt=1),
-    "op_type": _accepted("str"),  # the loss kernel is chosen automatically
+    "op_type": _accepted("str"),  # InternEvo's loss kernel name; ours is `kernel`
+    "kernel": _f("str", "auto", choices=("auto", "chunked", "torch")),
 })
 
 _ADAM = _Section({
@@ -463,6 +466,7 @@ _ADAM = _Section({
     "adam_beta2_c": _f("float", 0.0, ge=0),
     "adam_eps": _f("float", 1e-8, gt=0),
     "weight_decay": _f("float", 0.01, ge=0),
+    "impl": _f("str", "auto", choices=("auto", "fused", "foreach", "apex")),
 })
 
 _LR_SCHEDULER = _Section({
@@ -539,6 +543,7 @@ _TOP = _Section({
     "monitor": _MONITOR,
     "cudnn_deterministic": _f("bool", False),
     "cudnn_benchmark": _f("bool", False),
+    "cpu_malloc_tuning": _f("bool", True),
     "seed": _f("int", 1024, ge=0),
     "device": _f("str", "auto", choices=("auto", "cpu", "cuda")),
     "use_fp32_norm": _accepted("bool"),  # norms always compute in fp32

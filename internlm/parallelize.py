@@ -55,15 +55,50 @@ def apply_tensor_parallel(model: InternLM, tp_mesh: DeviceMesh, sequence_paralle
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: InternLM, setting) -> int:
-    """`model.checkpoint`: True/False or the fraction of this stage's layers to recompute."""
+def _compute_heavy_ops() -> set:
+    """Operators whose outputs selective checkpointing keeps: matmuls and attention kernels."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flash = getattr(torch.ops, "flash_attn", None)
+    for n in ("_flash_attn_varlen_forward", "_flash_attn_forward"):
+        try:
+            ops.add(getattr(flash, n).default)
+        except (AttributeError, RuntimeError):
+            pass
+    return ops
+
+
+def selective_checkpoint_context():
+    """`model.checkpoint_policy='selective'`: keep the outputs of matmuls and attention, recompute the
+    rest (norms, rotary, SiLU, casts) in backward: most of full checkpointing's saving of small
+    activations at a fraction of its recompute cost."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _compute_heavy_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: InternLM, setting, policy: str = "full") -> int:
+    """`model.checkpoint`: True/False or the fraction of this stage's layers to recompute;
+    `model.checkpoint_policy`: "full" (recompute the whole block) or "selective" (see above)."""
     from torch.distributed._composable import checkpoint
 
+    if policy not in ("full", "selective"):
+        raise ValueError(f"model.checkpoint_policy must be 'full' or 'selective', got {policy!r}")
     frac = 1.0 if setting is True else float(setting or 0.0)
     blocks = list(model.layers.values())
     count = min(len(blocks), math.ceil(frac * len(blocks) - 1e-9)) if frac > 0 else 0
     for block in blocks[:count]:
-        checkpoint(block)  # composable: parameter names stay unchanged
+        if policy == "selective":
+            checkpoint(block, context_fn=selective_checkpoint_context)
+        else:
+            checkpoint(block)  # composable: parameter names stay unchanged
     return count
 
 
@@ -97,9 +132,11 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, cf
     """Returns True when FSDP manages the compute dtype (else the trainer uses autocast)."""
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
-    n_ckpt = apply_activation_checkpointing(model, cfg.model.checkpoint)
+    policy = cfg.model.get("checkpoint_policy", "full")
+    n_ckpt = apply_activation_checkpointing(model, cfg.model.checkpoint, policy)
     if n_ckpt:
-        logger.info("activation checkpointing on %d of %d layers of this stage", n_ckpt, len(model.layers))
+        logger.info("activation checkpointing (%s) on %d of %d layers of this stage", policy, n_ckpt,
+                    len(model.layers))
     if cfg.model.get("compile"):
         apply_compile(model)
     if dims.dp > 1:

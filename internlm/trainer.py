@@ -18,13 +18,14 @@ from internlm.config import dump_yaml, torch_dtype, validate
 from internlm.errors import phase
 from internlm.launch import launch, seed_everything
 from internlm.loss import PackedLMLoss, make_target
-from internlm.model.attention import resolve_backend
+from internlm.model.attention import resolve_backend, resolve_upcast
 from internlm.model.internlm import InternLM, ModelArgs
 from internlm.model.ops import swiglu_hidden_dim
 from internlm.optim.hybrid_zero import HybridZeroOptimizer
 from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 from internlm.parallel import ParallelDims
 from internlm.parallelize import init_parameters, parallelize
+from internlm.perf import kernel_report, tune_cpu_malloc
 from internlm import pipeline as PP
 
 logger = logging.getLogger("internlm")
@@ -56,6 +57,8 @@ class Trainer:
         self.world_size = self.launch_info.world_size
         self.device = self.launch_info.device
         validate(cfg, world_size=self.world_size)
+        if self.device.type == "cpu":
+            tune_cpu_malloc(bool(cfg.get("cpu_malloc_tuning", True)))
         self.seed = int(cfg.get("seed", 1024))
         seed_everything(self.seed)
         self.dims = ParallelDims.from_config(cfg, self.world_size)
@@ -71,6 +74,9 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_data()
+        self.kernels = kernel_report(self)
+        if self.rank == 0:
+            print("[internlm] kernels: " + ", ".join(f"{k}={v}" for k, v in self.kernels.items()), flush=True)
         self.writer = M.MetricsWriter(self.run_folder) if self.is_logging_rank else None
         self.step = 0
         self.consumed_tokens = 0
@@ -92,6 +98,7 @@ class Trainer:
         args = ModelArgs.from_config(cfg)
         args.attn_backend = resolve_backend(cfg.model.get("attn_backend", "auto"), self.device,
                                             cfg.model.get("use_flash_attn", True))
+        args.attn_upcast = resolve_upcast(cfg.model.get("attn_compute", "auto"), self.device)
         self.model_args = args
         with torch.device("meta"):
             full = InternLM(args)
@@ -149,7 +156,8 @@ class Trainer:
             self.valid_batches = build_valid_loader(valid_src, packed_length=data.seq_len,
                                                     micro_bsz=data.micro_bsz, valid_micro_num=data.valid_micro_num,
                                                     dp_rank=self.dp_rank, dp_size=self.dp_size)
-        self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.get("label_smoothing", 0.0), self.device)
+        self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.get("label_smoothing", 0.0), self.device,
+                                    kernel=cfg.loss.get("kernel", "auto"))
         self.global_tokens_per_step = self.train_loader.tokens_per_step_global
         if self.dims.pp > 1:
             self.schedule, self.stages = PP.build_schedule(

@@ -209,6 +209,7 @@ def _describe(log, info: dict, hf_info: dict | None, args) -> None:
         f"torch threads: {info['threads']}")
     log(f"[bench] ours: {info['params'] / 1e6:.2f}M params, attention={info['attention']}, "
         f"optimizer={info['optimizer']}, dtype={info['dtype']}, autocast={info['autocast']}, compile={info['compile']}")
+    log("[bench] ours kernels: " + ", ".join(f"{k}={v}" for k, v in info["kernels"].items()))
     if hf_info:
         log(f"[bench] hf:   {hf_info['model']} {hf_info['params'] / 1e6:.2f}M params, attention={hf_info['attention']}, "
             f"optimizer={hf_info['optimizer']}, {hf_info['dtype']}, autocast={hf_info['autocast']}")
@@ -231,7 +232,7 @@ def benchmark(args, cfg, sides, log) -> dict:
     peak = peaks.get(info["dtype"].replace("torch.", ""), peaks["float32"])
     mem = ours.call("memory")
     keys = ("layout", "params", "world_size", "tokens_per_step", "device", "device_name", "dtype", "threads",
-            "attention", "optimizer", "torch_version")
+            "attention", "optimizer", "torch_version", "kernels")
     result = dict(name=args.name or Path(args.config).stem, config=args.config, overrides=list(args.overrides),
                   steps=args.steps, warmup=args.warmup, **{k: info[k] for k in keys},
                   loadavg_1min=[load_before, load_after], cpu_count=os.cpu_count(),

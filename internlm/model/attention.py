@@ -18,6 +18,11 @@ every layer reuses it. Backends:
       under a causal mask, so the result is exact). Few calls, few distinct shapes.
 - "sdpa_mask": one masked SDPA call per window, always;
 - "sdpa_loop": one SDPA call per sample (the simplest reference).
+
+`upcast` (the model's `attn_compute="float32"`, the default on CPU): the SDPA backends compute in
+fp32 from bf16/fp16 q, k, v and hand back the input dtype. PyTorch's CPU flash-attention kernel is
+2-3x slower in bf16 than in fp32, its backward above all (see doc/train_performance.md); inputs and
+output keep their dtype, so only the softmax and its gradient are held in higher precision.
 """
 from __future__ import annotations
 
@@ -50,6 +55,17 @@ def resolve_backend(requested: str, device: torch.device, use_flash_attn: bool =
     if use_flash_attn and device.type == "cuda" and flash_available():
         return "flash"
     return "sdpa"
+
+
+ATTN_COMPUTE = ("auto", "input", "float32")
+
+
+def resolve_upcast(requested: str, device: torch.device) -> bool:
+    """`model.attn_compute`: "float32" upcasts SDPA's inputs, "input" keeps their dtype, "auto" upcasts
+    on CPU only (where it is faster; CUDA kernels are fastest in bf16/fp16)."""
+    if requested not in ATTN_COMPUTE:
+        raise ValueError(f"model.attn_compute must be one of {ATTN_COMPUTE}, got {requested!r}")
+    return requested == "float32" or (requested == "auto" and device.type == "cpu")
 
 
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -86,6 +102,7 @@ class AttentionPlan:
     scatter: torch.Tensor | None = None  # token -> row of the concatenated group outputs
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
+    upcast: bool = False  # SDPA computes in fp32 (see the module docstring)
 
 
 def _window(is_start: torch.Tensor) -> int:
@@ -98,8 +115,14 @@ def _window(is_start: torch.Tensor) -> int:
     return n
 
 
-def plan_attention(position_ids: torch.Tensor, backend: str) -> AttentionPlan:
+def plan_attention(position_ids: torch.Tensor, backend: str, upcast: bool = False) -> AttentionPlan:
     """Work out once per forward how `packed_attention` runs on these packed samples."""
+    plan = _plan(position_ids, backend)
+    plan.upcast = upcast and plan.kind != "flash"
+    return plan
+
+
+def _plan(position_ids: torch.Tensor, backend: str) -> AttentionPlan:
     bsz, seqlen = position_ids.shape
     if backend not in BACKENDS:
         backend = resolve_backend(backend, position_ids.device)
@@ -156,8 +179,11 @@ def _sdpa(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
+@torch.compiler.disable
 def packed_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -> torch.Tensor:
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]; causal within each packed sample."""
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]; causal within each packed sample.
+    Left out of torch.compile (one graph break per block): the plan's layout changes from batch to
+    batch and would otherwise make every new layout a recompile."""
     bsz, seqlen, n_heads, head_dim = q.shape
     total = bsz * seqlen
     if plan.kind == "flash":
@@ -166,6 +192,16 @@ def packed_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -
             v.reshape(total, -1, head_dim), plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
             causal=True, softmax_scale=scale)
         return out.view(bsz, seqlen, n_heads, head_dim)
+    if plan.upcast and q.dtype in (torch.bfloat16, torch.float16):
+        # autocast would cast SDPA's inputs straight back to its lower precision
+        with torch.autocast(q.device.type, enabled=False):
+            return _sdpa_packed(q.float(), k.float(), v.float(), plan, scale).to(q.dtype)
+    return _sdpa_packed(q, k, v, plan, scale)
+
+
+def _sdpa_packed(q, k, v, plan: AttentionPlan, scale: float | None) -> torch.Tensor:
+    bsz, seqlen, n_heads, head_dim = q.shape
+    total = bsz * seqlen
     if plan.kind in ("rows", "mask"):
         w = plan.window
         q, k, v = (t.reshape(total // w, w, -1, head_dim).transpose(1, 2) for t in (q, k, v))

@@ -47,6 +47,7 @@ class ModelArgs:
     init_std: float = 0.02
     model_type: str = "INTERNLM2_PUBLIC"
     attn_backend: str = "sdpa"
+    attn_upcast: bool = False  # SDPA computes in fp32 (attention.py); the trainer sets it from attn_compute
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -156,7 +157,7 @@ class InternLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_base,
                                 self.args.rope_scaling, self.args.max_position_embeddings)
-        plan = plan_attention(position_ids, self.args.attn_backend)  # shared by every layer
+        plan = plan_attention(position_ids, self.args.attn_backend, self.args.attn_upcast)  # shared by every layer
         for block in self.layers.values():
             h = block(h, cos, sin, plan)
         if self.norm is not None:

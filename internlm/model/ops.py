@@ -11,6 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # optional GPU fast path: NVIDIA apex's fused RMSNorm (fp32 math, output in the input's dtype)
+    from apex.normalization.fused_layer_norm import mixed_dtype_fused_rms_norm_affine as _apex_rms_norm  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _apex_rms_norm = None
+APEX_DEVICES = ("cuda",)
+
+
+def rms_norm_impl(device: torch.device) -> str:
+    """Which kernel RMSNorm uses on `device`: "apex" (fused CUDA kernel) or "torch" (F.rms_norm)."""
+    return "apex" if _apex_rms_norm is not None and device.type in APEX_DEVICES else "torch"
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as InternEvo and HF Llama do."""
@@ -25,6 +36,10 @@ class RMSNorm(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # hand the following matmuls their compute dtype once, instead of one cast per projection
             dtype = torch.get_autocast_dtype(x.device.type)
+        # apex takes plain tensors only (not the DTensors of sequence parallelism)
+        if (_apex_rms_norm is not None and x.device.type in APEX_DEVICES and type(x) is torch.Tensor
+                and type(self.weight) in (torch.Tensor, nn.Parameter)):
+            return _apex_rms_norm(x, self.weight, (x.shape[-1],), self.eps).to(dtype)
         out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight.to(dtype) * out.to(dtype)
 

@@ -54,6 +54,23 @@ def test_tool_writes_json(tmp_path):
     assert result["peak_tflops"] == result["peak_tflops_bf16"]  # the demo model trains in bf16
     assert "attention=sdpa" in stdout and "optimizer=AdamW" in stdout
     assert not (tmp_path / "runs").exists()  # the run folder is temporary
+    # the defaults of doc/train_performance.md, as the trainer reported them at start
+    kernels = result["kernels"]
+    assert kernels["adamw"] == "torch AdamW (fused)" and "chunked" in kernels["loss"]
+    assert kernels["attention"].endswith("computed in fp32") and kernels["malloc"].startswith("glibc tuned")
+    assert kernels["activation_checkpointing"] == "off" and kernels["compile"] == "off"
+    assert "[bench] ours kernels: attention=" in stdout
+
+
+def test_tool_reports_each_switch(tmp_path):
+    result, _ = run_tool(tmp_path, "adam.impl=foreach", "loss.kernel=torch", "model.attn_compute=input",
+                         "model.checkpoint=True", "model.checkpoint_policy=selective")
+    kernels = result["kernels"]
+    assert kernels["adamw"] == "torch AdamW (foreach)" and result["optimizer"] == "AdamW (foreach)"
+    assert kernels["loss"] == "torch cross_entropy"
+    assert "fp32" not in kernels["attention"]
+    assert kernels["activation_checkpointing"] == "selective (True)"
+    _positive_finite(result, KEYS)
 
 
 def test_tool_compare_hf(tmp_path):

@@ -1,0 +1,242 @@
+"""The speed switches of doc/train_performance.md: each must compute what the plain path computes,
+and each must really be in effect when selected (kernel report, allocator state, saved memory)."""
+import collections
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from internlm.config import Config
+from internlm.loss import PackedLMLoss, chunked_cross_entropy, make_target
+from internlm.model import ops
+from internlm.model.attention import resolve_upcast
+from internlm.model.internlm import InternLM, ModelArgs
+from internlm.optim.hybrid_zero import HybridZeroOptimizer, resolve_adamw_impl
+from internlm.parallelize import apply_activation_checkpointing, init_parameters
+
+# ---- chunked cross entropy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_elements", [101, 1000, 10**6])  # one row per block, several, all rows
+def test_chunked_cross_entropy_matches_torch(dtype, smoothing, chunk_elements):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 101, generator=gen) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 101, (37,), generator=gen)
+    labels[[3, 10, 36]] = -100
+    weights = torch.randn(37, generator=gen)
+    ours = chunked_cross_entropy(logits, labels, label_smoothing=smoothing, chunk_elements=chunk_elements)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    ref = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    assert ours.dtype == torch.float32 and g_ours.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert bool((ours[[3, 10, 36]] == 0).all())
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(g_ours, g_ref.to(dtype), **tol)
+    assert bool((g_ours[[3, 10, 36]] == 0).all())
+
+
+def test_packed_loss_kernels_agree():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 50, 64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 64, (1, 50), generator=gen)
+    labels[0, :5] = -100
+    target = make_target(labels, torch.randint(0, 3, (1, 50), generator=gen))
+    losses, grads = {}, {}
+    for kernel in ("chunked", "torch"):
+        fn = PackedLMLoss(3, kernel=kernel)
+        losses[kernel] = fn(logits, target)
+        (grads[kernel],) = torch.autograd.grad(losses[kernel], logits)
+        assert fn.uses_chunked(logits) == (kernel == "chunked")
+    torch.testing.assert_close(losses["chunked"], losses["torch"])
+    torch.testing.assert_close(grads["chunked"], grads["torch"])
+    with pytest.raises(ValueError, match="loss kernel must be one of"):
+        PackedLMLoss(1, kernel="flash")
+
+
+# ---- attention computed in fp32 from bf16 inputs -------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
+def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
+    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_attention_heads=2,
+                     multiple_of=32, attn_backend=backend)
+    model = InternLM(args)
+    init_parameters(model, torch.device("cpu"), seed=5)
+    tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(24), torch.arange(40)])[None]
+    outputs, sdpa_dtypes = {}, {}
+    for upcast in (False, True):
+        model.args.attn_upcast = upcast
+        seen = []
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if "scaled_dot_product" in func.overloadpacket.__name__:
+                    seen.append(args[0].dtype)
+                return func(*args, **(kwargs or {}))
+
+        with Spy(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[upcast] = model(tokens, positions).float()
+        sdpa_dtypes[upcast] = set(seen)
+    assert sdpa_dtypes == {False: {torch.bfloat16}, True: {torch.float32}}
+    assert outputs[True].dtype == outputs[False].dtype
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0.05, atol=0.05)
+
+
+def test_attn_compute_resolution():
+    assert resolve_upcast("auto", torch.device("cpu")) and not resolve_upcast("auto", torch.device("cuda"))
+    assert resolve_upcast("float32", torch.device("cuda")) and not resolve_upcast("input", torch.device("cpu"))
+    with pytest.raises(ValueError, match="attn_compute"):
+        resolve_upcast("fp8", torch.device("cpu"))
+
+
+# ---- AdamW implementations ------------------------------------------------------------------------
+
+ADAM = Config(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+
+
+def _train_adamw(impl, steps=3):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    cfg = Config(**dict(ADAM), impl=impl)
+    opt = HybridZeroOptimizer([net], cfg, 1.0, stage_world_size=1, device=torch.device("cpu"))
+    for i in range(steps):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
+        net(x).pow(2).mean().backward()
+        opt.step()
+    return opt, [p.detach().clone() for p in net.parameters()]
+
+
+def test_fused_adamw_is_the_default_and_matches_foreach():
+    fused_opt, fused = _train_adamw("auto")
+    foreach_opt, foreach = _train_adamw("foreach")
+    assert fused_opt.adamw_impl == "fused" and fused_opt.part_optimizers[0].defaults["fused"]
+    assert foreach_opt.adamw_impl == "foreach" and foreach_opt.part_optimizers[0].defaults["foreach"]
+    for a, b in zip(fused, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_apex_adam_without_apex_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="adam.impl='apex' needs NVIDIA apex"):
+        resolve_adamw_impl("apex", torch.device("cpu"), has_dtensors=False)
+    with pytest.raises(ValueError, match="adam.impl must be one of"):
+        resolve_adamw_impl("sgd", torch.device("cpu"), has_dtensors=False)
+
+
+# ---- RMSNorm: the apex path is taken when available and computes the same norm ------------------
+
+
+def test_rms_norm_dispatches_to_apex_when_importable(monkeypatch):
+    calls = []
+
+    def fake_apex(x, weight, shape, eps):  # the contract of apex's mixed-dtype fused RMSNorm
+        calls.append(x.dtype)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    norm = ops.RMSNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = norm(x)
+    assert ops.rms_norm_impl(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(ops, "_apex_rms_norm", fake_apex)
+    monkeypatch.setattr(ops, "APEX_DEVICES", ("cpu",))
+    assert ops.rms_norm_impl(torch.device("cpu")) == "apex"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert calls == [torch.float32] and out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+# ---- selective activation checkpointing -----------------------------------------------------------
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops_and_grads(policy):
+    """Operators run during backward (recomputation included) and the gradients."""
+    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_attention_heads=2,
+                     multiple_of=32)
+    model = InternLM(args)
+    init_parameters(model, torch.device("cpu"), seed=3)
+    if policy:
+        assert apply_activation_checkpointing(model, True, policy) == 2
+    tokens = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(40), torch.arange(56)])[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, positions).float().logsumexp(-1).mean()
+    with _CountOps() as mode:
+        loss.backward()
+    return mode.counts, [p.grad.clone() for p in model.parameters()]
+
+
+def test_selective_checkpointing_recomputes_only_cheap_ops():
+    none_ops, none_grads = _backward_ops_and_grads(None)
+    sel_ops, sel_grads = _backward_ops_and_grads("selective")
+    full_ops, full_grads = _backward_ops_and_grads("full")
+    # full checkpointing runs the projections again in backward (at least wq, wk, wv, w1, w3 of both
+    # layers; it stops once the saved tensors backward needs are back), selective never does
+    assert full_ops["mm"] >= none_ops["mm"] + 10, (full_ops["mm"], none_ops["mm"])
+    assert sel_ops["mm"] == none_ops["mm"]
+    assert full_ops["silu"] == sel_ops["silu"] == 2 and none_ops["silu"] == 0  # SiLU is recomputed
+    for a, b, c in zip(none_grads, sel_grads, full_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="checkpoint_policy"):
+        apply_activation_checkpointing(InternLM(ModelArgs(num_layers=1)), True, "some")
+
+
+# ---- the CPU allocator setting --------------------------------------------------------------------
+
+_MALLOC_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    import torch
+    from internlm.perf import tune_cpu_malloc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    print(tune_cpu_malloc(sys.argv[1] == "on"))
+    before = libc.mallinfo2().hblkhd
+    t = torch.ones(16 * 1024 * 1024)  # 64 MiB: glibc maps this separately unless tuned
+    during = libc.mallinfo2().hblkhd
+    del t
+    kept = libc.mallinfo2().fordblks
+    print(during - before, kept)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_cpu_malloc_tuning_keeps_big_blocks_in_the_heap():
+    results = {}
+    for mode in ("on", "off"):
+        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        state, numbers = proc.stdout.strip().splitlines()[-2:]
+        mapped, kept_free = map(int, numbers.split())
+        results[mode] = (state, mapped, kept_free)
+    assert results["on"][0] == "glibc tuned (no mmap, no trim)" and results["off"][0] == "default"
+    assert results["off"][1] >= 64 * 2**20  # untuned: the block is its own mmap, unmapped on free
+    assert results["on"][1] == 0  # tuned: from the heap ...
+    assert results["on"][2] >= 64 * 2**20  # ... and kept there, free, for the next step
