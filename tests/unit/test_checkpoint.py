@@ -176,7 +176,7 @@ def test_part_optimizers_step_exactly_like_one_adamw():
     ref_params = [p for m in ref_parts for p in m.parameters()]
     ref = torch.optim.AdamW([{"params": [p for p in ref_params if p.ndim >= 2], "weight_decay": 0.1},
                              {"params": [p for p in ref_params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)  # adam.impl="auto"
     ref_sched = WarmupCosineLR(ref, total_steps=10, warmup_ratio=0.3, eta_min=1e-3)
     for _ in range(4):
         train_steps(parts, opt, sched, beta2, 1, x)
