@@ -410,6 +410,7 @@ _MODEL = _Section({
     "compile": _f("bool", False),
     "attn_backend": _f("str", "auto", choices=("auto", "flash", "sdpa", "sdpa_mask", "sdpa_loop")),
     "attn_compute": _f("str", "auto", choices=("auto", "input", "float32")),
+    "cpu_matmul": _f("str", "native", choices=("native", "fp32")),
 })
 
 _DATA = _Section({

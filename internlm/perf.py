@@ -14,6 +14,8 @@ import ctypes
 import os
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_KEEP = 2**31 - 1  # the largest int mallopt takes: freed heap above 2 GiB is still returned
@@ -56,6 +58,16 @@ def malloc_state() -> str:
     return _malloc_state
 
 
+CPU_MATMUL = ("native", "fp32")
+
+
+def resolve_cpu_matmul(requested: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """`model.cpu_matmul`: whether bf16/fp16 matmuls run as fp32 GEMMs on CPU (ops.Linear)."""
+    if requested not in CPU_MATMUL:
+        raise ValueError(f"model.cpu_matmul must be one of {CPU_MATMUL}, got {requested!r}")
+    return requested == "fp32" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
 def kernel_report(trainer) -> dict[str, str]:
     """Which implementation serves each operation of this run, as the trainer set it up. Printed at
     start (rank 0) and returned by the benchmark tool, so that a figure always says what it measured."""
@@ -83,7 +95,10 @@ def kernel_report(trainer) -> dict[str, str]:
     opt = trainer.optimizer
     adamw = {"fused": "torch AdamW (fused)", "foreach": "torch AdamW (foreach)",
              "apex": "apex FusedAdam"}[opt.adamw_impl]
+    gemm = ("fp32 GEMM on bf16/fp16-rounded operands" if trainer.model_args.cpu_fp32_gemm
+            else "torch " + str(trainer.dtype).replace("torch.", "") + " GEMM")
     report = {
+        "linear": gemm,
         "attention": attention,
         "rms_norm": norm + (", in compiled blocks" if compiled else ""),
         "rope": "torch eager" + (" (fused by torch.compile)" if compiled else ""),

@@ -25,7 +25,7 @@ from internlm.optim.hybrid_zero import HybridZeroOptimizer
 from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 from internlm.parallel import ParallelDims
 from internlm.parallelize import init_parameters, parallelize
-from internlm.perf import kernel_report, tune_cpu_malloc
+from internlm.perf import kernel_report, resolve_cpu_matmul, tune_cpu_malloc
 from internlm import pipeline as PP
 
 logger = logging.getLogger("internlm")
@@ -99,6 +99,7 @@ class Trainer:
         args.attn_backend = resolve_backend(cfg.model.get("attn_backend", "auto"), self.device,
                                             cfg.model.get("use_flash_attn", True))
         args.attn_upcast = resolve_upcast(cfg.model.get("attn_compute", "auto"), self.device)
+        args.cpu_fp32_gemm = resolve_cpu_matmul(cfg.model.get("cpu_matmul", "native"), self.device, self.dtype)
         self.model_args = args
         with torch.device("meta"):
             full = InternLM(args)

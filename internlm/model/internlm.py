@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internlm.model.attention import AttentionPlan, packed_attention, plan_attention
-from internlm.model.ops import RMSNorm, apply_rope, rope_cos_sin, swiglu_hidden_dim
+from internlm.model.ops import Linear, RMSNorm, apply_rope, rope_cos_sin, swiglu_hidden_dim
 
 MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2")
 
@@ -48,6 +48,7 @@ class ModelArgs:
     model_type: str = "INTERNLM2_PUBLIC"
     attn_backend: str = "sdpa"
     attn_upcast: bool = False  # SDPA computes in fp32 (attention.py); the trainer sets it from attn_compute
+    cpu_fp32_gemm: bool = False  # bf16 matmuls as fp32 GEMMs on CPU (ops.Linear); from model.cpu_matmul
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -92,10 +93,11 @@ class Attention(nn.Module):
         super().__init__()
         h, hd = args.hidden_size, args.head_dim
         self.head_dim = hd
-        self.wq = nn.Linear(h, args.num_attention_heads * hd, bias=args.qkv_bias)
-        self.wk = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
-        self.wv = nn.Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.num_attention_heads * hd, h, bias=args.o_bias)
+        f32 = args.cpu_fp32_gemm
+        self.wq = Linear(h, args.num_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
+        self.wk = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
+        self.wv = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
+        self.wo = Linear(args.num_attention_heads * hd, h, bias=args.o_bias, fp32_gemm=f32)
 
     def forward(self, x, cos, sin, plan: AttentionPlan):
         bsz, seqlen, _ = x.shape
@@ -113,9 +115,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.w3 = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        f32 = args.cpu_fp32_gemm
+        self.w1 = Linear(args.hidden_size, args.intermediate_size, bias=False, fp32_gemm=f32)
+        self.w3 = Linear(args.hidden_size, args.intermediate_size, bias=False, fp32_gemm=f32)
+        self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=False, fp32_gemm=f32)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -141,7 +144,7 @@ class InternLM(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.num_layers)})
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.output = Linear(args.hidden_size, args.vocab_size, bias=False, fp32_gemm=args.cpu_fp32_gemm)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

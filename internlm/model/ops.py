@@ -47,6 +47,57 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+class _LowpLinearViaFp32(torch.autograd.Function):
+    """y = x @ w.T (+ b) at `dtype` (bf16/fp16) precision, run as fp32 GEMMs on operands rounded to
+    `dtype`. Products of bf16 or fp16 values are exact in fp32 and a low-precision GEMM accumulates
+    in fp32 too, so this computes what the `dtype` GEMM computes (up to summation order); the output
+    and all gradients are rounded to `dtype` as autocast's would be. Saves the rounded operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        xb, wb = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(xb, wb)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        out = F.linear(xb.float(), wb.float(), bias.to(dtype).float() if bias is not None else None)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.to(xb.dtype).float()
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ wb.float()).to(xb.dtype).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g2.t() @ xb.reshape(-1, xb.shape[-1]).float()).to(xb.dtype).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(xb.dtype).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names, same TP plans) that can run its bf16/fp16 matmul as an
+    fp32 GEMM on CPU (`fp32_gemm`, set from `model.cpu_matmul="fp32"`), at the same precision, for
+    CPUs whose low-precision GEMM is slower than their fp32 one (AVX512-BF16 without AMX). Off by
+    default: on such a CPU it made single matmuls up to 1.5x faster but whole steps no faster (the
+    operand conversions eat the gain) and used more memory; see doc/train_performance.md."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fp32_gemm: bool = False, **kw):
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.fp32_gemm = fp32_gemm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_gemm and x.device.type == "cpu" and type(x) is torch.Tensor \
+                and type(self.weight) in (torch.Tensor, nn.Parameter):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            if dtype in (torch.bfloat16, torch.float16):
+                with torch.autocast("cpu", enabled=False):
+                    return _LowpLinearViaFp32.apply(x, self.weight, self.bias, dtype)
+        return super().forward(x)
+
+
 def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 

@@ -17,6 +17,7 @@ from internlm.model.attention import resolve_upcast
 from internlm.model.internlm import InternLM, ModelArgs
 from internlm.optim.hybrid_zero import HybridZeroOptimizer, resolve_adamw_impl
 from internlm.parallelize import apply_activation_checkpointing, init_parameters
+from internlm.perf import resolve_cpu_matmul
 
 # ---- chunked cross entropy ------------------------------------------------------------------------
 
@@ -95,6 +96,42 @@ def test_attn_compute_resolution():
     assert resolve_upcast("float32", torch.device("cuda")) and not resolve_upcast("input", torch.device("cpu"))
     with pytest.raises(ValueError, match="attn_compute"):
         resolve_upcast("fp8", torch.device("cpu"))
+
+
+# ---- bf16 matmuls as fp32 GEMMs (model.cpu_matmul="fp32") ----------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_fp32_gemm_linear_computes_the_bf16_matmul(bias, x_dtype):
+    gen = torch.Generator().manual_seed(0)
+    native, emulated = ops.Linear(96, 80, bias=bias), ops.Linear(96, 80, bias=bias, fp32_gemm=True)
+    emulated.load_state_dict(native.state_dict())
+    x = torch.randn(2, 33, 96, generator=gen).to(x_dtype)
+    weights = torch.randn(80, generator=gen)
+    results = []
+    for layer in (native, emulated):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        (y.float() * weights).sum().backward()
+        results.append([y, xi.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        # same bf16 operands, fp32 accumulation and bf16 rounding: equal up to summation order
+        torch.testing.assert_close(b, a, rtol=2 ** -7, atol=1e-3)
+    # off autocast and in fp32 the layer is plain nn.Linear
+    xf = torch.randn(4, 96, generator=gen)
+    assert torch.equal(emulated(xf), native(xf))
+
+
+def test_cpu_matmul_resolution():
+    assert resolve_cpu_matmul("fp32", torch.device("cpu"), torch.bfloat16)
+    assert not resolve_cpu_matmul("fp32", torch.device("cpu"), torch.float32)
+    assert not resolve_cpu_matmul("fp32", torch.device("cuda"), torch.bfloat16)
+    assert not resolve_cpu_matmul("native", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="cpu_matmul"):
+        resolve_cpu_matmul("auto", torch.device("cpu"), torch.bfloat16)
 
 
 # ---- AdamW implementations ------------------------------------------------------------------------
