@@ -253,10 +253,6 @@ def device_peak_tflops(
         peak = known_peak_tflops(torch.cuda.get_device_name(device), dtype)
     if peak is None:
         peak = measure_peak_tflops(dtype=dtype, device=device)
-        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # bf16/fp16 products are exact in an fp32 GEMM: the faster of the two is this CPU's peak
-            # at that precision (see cpu_matmul in doc/train_performance.md)
-            peak = max(peak, measure_peak_tflops(dtype=torch.float32, device=device))
         logger.info("measured matmul peak on %s (%s): %.3f TFLOPS", device, dtype, peak)
     _peak_cache[key] = peak
     return peak

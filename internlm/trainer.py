@@ -80,7 +80,9 @@ class Trainer:
         self.writer = M.MetricsWriter(self.run_folder) if self.is_logging_rank else None
         self.step = 0
         self.consumed_tokens = 0
-        self.peak_flops = M.device_peak_tflops(self.device, self.dtype, cfg.monitor.get("peak_tflops")) * 1e12
+        # MFU against the peak of the GEMM the model runs (fp32 under model.cpu_matmul="fp32")
+        gemm_dtype = torch.float32 if self.model_args.cpu_fp32_gemm else self.dtype
+        self.peak_flops = M.device_peak_tflops(self.device, gemm_dtype, cfg.monitor.get("peak_tflops")) * 1e12
         from internlm.checkpoint import CheckpointManager
 
         self.checkpoints = CheckpointManager(self)  # saves, snapshots, stop signals (see doc/checkpoint.md)

@@ -230,9 +230,9 @@ def benchmark(args, cfg, sides, log) -> dict:
     after = ours.call("peaks", args.peak_seconds)  # a peak is a best case: keep the better probe
     peaks = {k: max(v, after[k]) for k, v in peaks.items()}
     peak = peaks.get(info["dtype"].replace("torch.", ""), peaks["float32"])
-    if info["device"] == "cpu":
-        # bf16/fp16 products are exact in an fp32 GEMM, so the faster GEMM is the CPU's peak at that
-        # precision, whichever kernel a side uses (cpu_matmul in doc/train_performance.md)
+    if info["kernels"]["linear"].startswith("fp32 GEMM"):
+        # model.cpu_matmul="fp32": our matmuls run as fp32 GEMMs, so MFU is against that GEMM's peak
+        # when it is the higher one (both sides against the same peak)
         peak = max(peak, peaks["float32"])
     mem = ours.call("memory")
     keys = ("layout", "params", "world_size", "tokens_per_step", "device", "device_name", "dtype", "threads",
