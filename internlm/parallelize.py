@@ -128,6 +128,12 @@ def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.d
             nxt.set_modules_to_backward_prefetch([prev])
 
 
+def fsdp_prefetch(cfg) -> bool:
+    """InternEvo's overlap_sync_param / overlap_sync_grad map to FSDP2's all-gather prefetch."""
+    hz = cfg.hybrid_zero_optimizer
+    return bool(hz.get("overlap_sync_param", True) or hz.get("overlap_sync_grad", True))
+
+
 def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, cfg, compute_dtype: torch.dtype):
     """Returns True when FSDP manages the compute dtype (else the trainer uses autocast)."""
     if dims.tp > 1:
@@ -140,10 +146,9 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, cf
     if cfg.model.get("compile"):
         apply_compile(model)
     if dims.dp > 1:
-        hz = cfg.hybrid_zero_optimizer
         apply_hybrid_zero(model, mesh["dp_replicate", "dp_shard"], compute_dtype,
                           reshard_after_forward=dims.fsdp,
-                          prefetch=bool(hz.get("overlap_sync_param", True) or hz.get("overlap_sync_grad", True)))
+                          prefetch=fsdp_prefetch(cfg))
         return True
     return False
 

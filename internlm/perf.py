@@ -73,6 +73,7 @@ def kernel_report(trainer) -> dict[str, str]:
     start (rank 0) and returned by the benchmark tool, so that a figure always says what it measured."""
     from internlm.model.attention import flash_available
     from internlm.model.ops import rms_norm_impl
+    from internlm.parallelize import fsdp_prefetch
 
     cfg, dev, dims = trainer.cfg, trainer.device, trainer.dims
     backend = trainer.model_args.attn_backend
@@ -106,9 +107,7 @@ def kernel_report(trainer) -> dict[str, str]:
         "adamw": adamw,
         "compile": "per transformer block" if compiled else "off",
         "activation_checkpointing": (f"{cfg.model.get('checkpoint_policy', 'full')} ({ckpt})" if ckpt else "off"),
-        "fsdp_prefetch": ("on" if dims.dp > 1 and (cfg.hybrid_zero_optimizer.get("overlap_sync_param", True)
-                                                     or cfg.hybrid_zero_optimizer.get("overlap_sync_grad", True))
-                          else "off" if dims.dp > 1 else "n/a (no data parallelism)"),
+        "fsdp_prefetch": ("n/a (no data parallelism)" if dims.dp == 1 else "on" if fsdp_prefetch(cfg) else "off"),
         "malloc": malloc_state() if dev.type == "cpu" else "n/a (CUDA caching allocator)",
     }
     return report
