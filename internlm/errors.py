@@ -36,6 +36,20 @@ def _rank() -> str:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
 
+def _wait_for_peers(seconds: float = 10.0):
+    """Before a rank exits on a user error: wait (briefly) until the other ranks reach the same point.
+    Errors that depend on the layout are found by every rank at once, and the launcher kills the
+    remaining ranks as soon as one exits; without this a slower rank could be killed before it
+    printed its own line. A rank-local error just waits out the timeout."""
+    from datetime import timedelta
+
+    try:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.monitored_barrier(timeout=timedelta(seconds=seconds))
+    except Exception:  # noqa: BLE001 - best effort during error exit
+        pass
+
+
 def run_guarded(fn) -> int:
     from internlm.config import ConfigError
     from internlm.launch import LaunchError, shutdown
@@ -45,6 +59,7 @@ def run_guarded(fn) -> int:
         return 0
     except (ConfigError, LaunchError, FileNotFoundError) as exc:
         print(f"[rank {_rank()}] error: {exc}", file=sys.stderr, flush=True)
+        _wait_for_peers()
         return 2
     except ValueError as exc:
         # data format problems (DataFormatError is a ValueError) and similar user-facing errors
