@@ -39,7 +39,7 @@ __all__ = ["hf_config", "build_hf_model", "hf_param_name", "copy_initial_weights
 
 def hf_config(args: ModelArgs):
     """A transformers config describing exactly the model `args` describes."""
-    from transformers import InternLM3Config, LlamaConfig
+    from transformers import LlamaConfig
 
     if args.qkv_bias != args.o_bias:
         raise ValueError("HF Llama has one bias switch for q/k/v and the output projection; "
@@ -58,6 +58,8 @@ def hf_config(args: ModelArgs):
         pad_token_id=None,  # a padding_idx would zero that embedding row's gradient; ours has none
     )
     if args.model_type == "INTERNLM3":
+        from transformers import InternLM3Config  # transformers 5.2x; older releases lack it
+
         return InternLM3Config(**kwargs)
     return LlamaConfig(**kwargs)
 
@@ -375,21 +377,43 @@ class HFSide:
         pass
 
 
-def profile_step(side, limit: int = 15) -> list[dict]:
-    """One more training step under torch.profiler; its operators with the most self time."""
+def profile_step(side, limit: int = 15, trace_path: str | None = None) -> list[dict]:
+    """One more training step under torch.profiler; its operators with the most self time. With
+    `trace_path`, the step's Chrome trace is written there too (gzipped when the name ends in .gz)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         side.step()
+    if trace_path:
+        write_trace(prof, trace_path)
     return top_ops(prof, limit, side.device.type)
+
+
+def write_trace(prof, path: str) -> None:
+    """The profiler's Chrome trace at `path` (gzip-compressed when it ends in .gz)."""
+    import gzip
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".gz":
+        prof.export_chrome_trace(str(path))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 # ---- one side in its own process ---------------------------------------------------------------------
 
 def dispatch(side, cmd: tuple):
     """Answer one command to a side: ("describe",), ("run", n), ("peaks", seconds), ("memory",),
-    ("profile", limit)."""
+    ("profile", limit[, trace path])."""
     op = cmd[0]
     if op == "describe":
         return side.describe()
@@ -400,7 +424,7 @@ def dispatch(side, cmd: tuple):
     if op == "memory":
         return dict(peak_memory_bytes=side.peak_memory(), baseline_rss=side.baseline_rss)
     if op == "profile":
-        return profile_step(side, cmd[1])
+        return profile_step(side, *cmd[1:])
     raise ValueError(f"unknown command {cmd!r}")
 
 

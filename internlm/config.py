@@ -408,7 +408,7 @@ _MODEL = _Section({
     "enable_qkv_fusion": _accepted("bool"),
     "checkpoint_policy": _f("str", "full", choices=("full", "selective")),
     "compile": _f("bool", False),
-    "attn_backend": _f("str", "auto", choices=("auto", "flash", "sdpa", "sdpa_mask", "sdpa_loop")),
+    "attn_backend": _f("str", "auto", choices=("auto", "flash", "varlen", "sdpa", "sdpa_mask", "sdpa_loop")),
     "attn_compute": _f("str", "auto", choices=("auto", "input", "float32")),
     "cpu_matmul": _f("str", "native", choices=("native", "fp32")),
 })

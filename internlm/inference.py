@@ -33,7 +33,7 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> Intern
         args = ModelArgs.from_config(hf.read_ckpt_config(ckpt))
         path = ckpt
         fill = hf.load_ckpt_into_parts
-    args.attn_backend = resolve_backend("auto", device)
+    args.attn_backend = resolve_backend("auto", device, dtype=dtype)
     with torch.device("meta"):
         model = InternLM(args)
     model.to_empty(device=device)

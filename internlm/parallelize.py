@@ -61,6 +61,13 @@ def _compute_heavy_ops() -> set:
     names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    for n in ("_flash_attention_forward", "_cudnn_attention_forward"):  # under torch's varlen attention
+        if hasattr(aten, n):
+            ops.add(getattr(aten, n).default)
+    try:
+        ops.add(torch.ops.torch_attn._varlen_attn.default)  # torch varlen's custom op (registered on import)
+    except (AttributeError, RuntimeError):
+        pass
     flash = getattr(torch.ops, "flash_attn", None)
     for n in ("_flash_attn_varlen_forward", "_flash_attn_forward"):
         try:

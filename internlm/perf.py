@@ -78,12 +78,13 @@ def kernel_report(trainer) -> dict[str, str]:
     cfg, dev, dims = trainer.cfg, trainer.device, trainer.dims
     backend = trainer.model_args.attn_backend
     attention = {"flash": "flash-attn varlen (cu_seqlens)",
+                 "varlen": "torch varlen flash attention (cu_seqlens)",
                  "sdpa": "torch SDPA (packed rows / block mask / length buckets)",
                  "sdpa_mask": "torch SDPA (one block-diagonal mask per window)",
                  "sdpa_loop": "torch SDPA (one call per sample)"}[backend]
-    if backend != "flash" and trainer.model_args.attn_upcast:
+    if backend not in ("flash", "varlen") and trainer.model_args.attn_upcast:
         attention += ", computed in fp32"
-    if backend != "flash" and dev.type == "cuda" and not flash_available():
+    if backend not in ("flash", "varlen") and dev.type == "cuda" and not flash_available():
         attention += "; flash-attn not importable"
     compiled = bool(cfg.model.get("compile"))
     norm = {"apex": "apex fused RMSNorm", "torch": "torch F.rms_norm (fp32)"}[rms_norm_impl(dev)]

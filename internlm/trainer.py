@@ -99,7 +99,7 @@ class Trainer:
         cfg = self.cfg
         args = ModelArgs.from_config(cfg)
         args.attn_backend = resolve_backend(cfg.model.get("attn_backend", "auto"), self.device,
-                                            cfg.model.get("use_flash_attn", True))
+                                            cfg.model.get("use_flash_attn", True), torch_dtype(cfg.model.dtype))
         args.attn_upcast = resolve_upcast(cfg.model.get("attn_compute", "auto"), self.device)
         args.cpu_fp32_gemm = resolve_cpu_matmul(cfg.model.get("cpu_matmul", "native"), self.device, self.dtype)
         self.model_args = args

@@ -42,10 +42,15 @@ def parse_args(argv=None):
     p.add_argument("--compare", choices=["hf"], default=None, help="also train a HF transformers model")
     p.add_argument("--alternate", type=int, default=1, metavar="K", help="with --compare: steps per turn (default 1)")
     p.add_argument("--profile", action="store_true", help="profile one extra step per side; print the top ops")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="with --profile (implied): write our side's profiled step as a Chrome trace (.json or "
+                        ".json.gz)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as a JSON object")
     p.add_argument("--peak-seconds", type=float, default=0.5, help="time per dtype of the matmul peak probe")
     p.add_argument("--name", default=None, help="row label in the table (default: the config's file name)")
     args = p.parse_intermixed_args(argv)
+    if args.trace:
+        args.profile = True
     if args.steps < 1 or args.warmup < 0 or args.alternate < 1:
         p.error("--steps and --alternate must be >= 1 and --warmup >= 0")
     return args
@@ -259,7 +264,11 @@ def benchmark(args, cfg, sides, log) -> dict:
     if args.profile:
         on_gpu = info["device"].startswith("cuda")
         for s in sides:
-            ops = s.call("profile", 15)
+            trace = str(Path(args.trace).resolve()) if args.trace and s.name == "ours" else None
+            ops = s.call("profile", 15, trace)
+            if trace:
+                result["trace"] = trace
+                log(f"[bench] trace of the profiled {s.name} step: {trace}")
             result[f"profile_{s.name}"] = ops
             log(f"[bench] profile of one more {s.name} step, top ops by self {'CUDA' if on_gpu else 'CPU'} time:")
             for o in ops:

@@ -6,6 +6,8 @@ a boundary. The model works out the layout of the samples once per forward (`pla
 every layer reuses it. Backends:
 
 - "flash": flash-attn's varlen kernel (CUDA, when importable), fed cu_seqlens;
+- "varlen": PyTorch's own varlen flash attention (`torch.nn.attention.varlen`, CUDA, bf16/fp16),
+  fed the same cu_seqlens: the packed fast path on a GPU without the flash-attn package;
 - "sdpa" (default without flash-attn): PyTorch SDPA, in as few and as regular calls as the layout
   allows. The row is cut into the shortest equal *windows* that start at sample boundaries (the
   loader packs `micro_bsz` rows of `seq_len` tokens end to end and no sample crosses a row, so
@@ -36,7 +38,13 @@ try:  # optional GPU fast path
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_varlen_func = None
 
-BACKENDS = ("flash", "sdpa", "sdpa_mask", "sdpa_loop")
+try:  # PyTorch's varlen flash attention (torch 2.10+; CUDA kernels only)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except Exception:  # noqa: BLE001 - older torch
+    _torch_varlen_attn = None
+
+BACKENDS = ("flash", "varlen", "sdpa", "sdpa_mask", "sdpa_loop")
+VARLEN_DTYPES = (torch.bfloat16, torch.float16)
 MASK_WINDOW_MAX = 512  # windows up to this length use one masked call (see the module docstring)
 BUCKET = 64  # samples in longer windows are padded to a multiple of this many tokens
 
@@ -45,16 +53,53 @@ def flash_available() -> bool:
     return flash_attn_varlen_func is not None and torch.cuda.is_available()
 
 
-def resolve_backend(requested: str, device: torch.device, use_flash_attn: bool = True) -> str:
+def varlen_available() -> bool:
+    return _torch_varlen_attn is not None and torch.cuda.is_available()
+
+
+def resolve_backend(requested: str, device: torch.device, use_flash_attn: bool = True,
+                    dtype: torch.dtype | None = None) -> str:
+    """`model.attn_backend`. "auto": flash-attn when importable on CUDA (and `use_flash_attn`), else
+    PyTorch's varlen flash kernel on CUDA for bf16/fp16 compute, else SDPA."""
     if requested == "flash":
         if not flash_available():
             raise RuntimeError("model.attn_backend='flash' needs flash-attn and a CUDA device")
         return "flash"
+    if requested == "varlen":
+        if not varlen_available() or device.type != "cuda":
+            raise RuntimeError("model.attn_backend='varlen' needs torch.nn.attention.varlen (PyTorch 2.10 or "
+                               "newer) and a CUDA device; use 'sdpa' elsewhere")
+        if dtype is not None and dtype not in VARLEN_DTYPES:
+            raise RuntimeError(f"model.attn_backend='varlen' computes in bf16/fp16, not {dtype}; use 'sdpa'")
+        return "varlen"
     if requested in BACKENDS:
         return requested
     if use_flash_attn and device.type == "cuda" and flash_available():
         return "flash"
+    if device.type == "cuda" and varlen_available() and (dtype is None or dtype in VARLEN_DTYPES):
+        return "varlen"
     return "sdpa"
+
+
+def _varlen_call(q, k, v, cu, max_len, scale):
+    """torch varlen attention on [total, H, D], causal, across the API changes of torch 2.10-2.13
+    (`is_causal` became `window_size`; `enable_gqa` appeared); without `enable_gqa` the KV heads are
+    repeated."""
+    import inspect
+
+    params = inspect.signature(_torch_varlen_attn).parameters
+    kw = {"scale": scale} if "scale" in params else {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return _torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
 ATTN_COMPUTE = ("auto", "input", "float32")
@@ -89,7 +134,7 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 class AttentionPlan:
     """The layout of the packed samples of one micro-batch, shared by every layer's attention.
 
-    kind: "flash" | "rows" (one sample per window) | "mask" (block-diagonal mask per window) |
+    kind: "flash" | "varlen" | "rows" (one sample per window) | "mask" (block-diagonal mask per window) |
     "buckets" (padded samples grouped by length) | "loop" (one call per sample)."""
 
     kind: str
@@ -118,7 +163,7 @@ def _window(is_start: torch.Tensor) -> int:
 def plan_attention(position_ids: torch.Tensor, backend: str, upcast: bool = False) -> AttentionPlan:
     """Work out once per forward how `packed_attention` runs on these packed samples."""
     plan = _plan(position_ids, backend)
-    plan.upcast = upcast and plan.kind != "flash"
+    plan.upcast = upcast and plan.kind not in ("flash", "varlen")
     return plan
 
 
@@ -126,9 +171,9 @@ def _plan(position_ids: torch.Tensor, backend: str) -> AttentionPlan:
     bsz, seqlen = position_ids.shape
     if backend not in BACKENDS:
         backend = resolve_backend(backend, position_ids.device)
-    if backend == "flash":
+    if backend in ("flash", "varlen"):
         cu, max_len = cu_seqlens(position_ids)
-        return AttentionPlan("flash", bsz, seqlen, cu_seqlens=cu, max_len=max_len)
+        return AttentionPlan(backend, bsz, seqlen, cu_seqlens=cu, max_len=max_len)
     device = position_ids.device
     is_start = position_ids.detach().to("cpu") == 0
     is_start[:, 0] = True  # a row (or a pipeline chunk) always starts a new sample
@@ -191,6 +236,13 @@ def packed_attention(q, k, v, plan: AttentionPlan, scale: float | None = None) -
             q.reshape(total, n_heads, head_dim), k.reshape(total, -1, head_dim),
             v.reshape(total, -1, head_dim), plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len,
             causal=True, softmax_scale=scale)
+        return out.view(bsz, seqlen, n_heads, head_dim)
+    if plan.kind == "varlen":
+        if q.dtype not in VARLEN_DTYPES:
+            raise RuntimeError(f"attention backend 'varlen' computes in bf16/fp16, got {q.dtype} inputs; "
+                               "use model.attn_backend='sdpa' for fp32")
+        out = _varlen_call(q.reshape(total, n_heads, head_dim), k.reshape(total, -1, head_dim),
+                           v.reshape(total, -1, head_dim), plan.cu_seqlens, plan.max_len, scale)
         return out.view(bsz, seqlen, n_heads, head_dim)
     if plan.upcast and q.dtype in (torch.bfloat16, torch.float16):
         # autocast would cast SDPA's inputs straight back to its lower precision
