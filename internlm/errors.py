@@ -50,12 +50,27 @@ def _wait_for_peers(seconds: float = 10.0):
         pass
 
 
+def _finish_together(seconds: float = 300.0) -> None:
+    """After a successful run: every rank reaches this point before any tears down its process group.
+    A rank that destroyed its gloo group while a peer was still finishing its last collective made
+    that peer abort at exit ("terminate called without an active exception", seen once in CI)."""
+    from datetime import timedelta
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if "gloo" in str(dist.get_backend()):  # "gloo" or "cpu:gloo,cuda:nccl": a timed, CPU-side barrier
+        dist.monitored_barrier(timeout=timedelta(seconds=seconds))
+    else:
+        dist.barrier()
+
+
 def run_guarded(fn) -> int:
     from internlm.config import ConfigError
     from internlm.launch import LaunchError, shutdown
 
     try:
         fn()
+        _finish_together()
         return 0
     except (ConfigError, LaunchError, FileNotFoundError) as exc:
         print(f"[rank {_rank()}] error: {exc}", file=sys.stderr, flush=True)
