@@ -7,7 +7,6 @@ import sys
 
 import torch.distributed as dist
 
-
 _PHASE = ["start-up"]
 
 

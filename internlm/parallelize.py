@@ -13,8 +13,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from internlm.model.internlm import InternLM, init_full_tensor
 from internlm.parallel import ParallelDims
@@ -175,5 +180,5 @@ def init_parameters(model: nn.Module, device: torch.device, seed: int):
             param.to_local().copy_(local)
         else:
             param.copy_(full)
-    for name, buf in model.named_buffers():
+    for buf in model.buffers():
         buf.zero_()

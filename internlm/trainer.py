@@ -4,16 +4,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from internlm import metrics as M
+from internlm import pipeline as PP
 from internlm.config import dump_yaml, torch_dtype, validate
 from internlm.errors import phase
 from internlm.launch import launch, seed_everything
@@ -26,7 +25,6 @@ from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 from internlm.parallel import ParallelDims
 from internlm.parallelize import init_parameters, parallelize
 from internlm.perf import kernel_report, resolve_cpu_matmul, tune_cpu_malloc
-from internlm import pipeline as PP
 
 logger = logging.getLogger("internlm")
 

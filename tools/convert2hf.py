@@ -1,54 +1,10 @@
 """Export a training checkpoint to a Hugging Face transformers folder.
 
-    python tools/convert2hf.py --src CKPT_DIR --tgt OUT_DIR [--tokenizer tokenizer.model] \
-        [--dtype bfloat16] [--max_shard 10GB] [--model_type internlm3|llama]
-
-CKPT_DIR is a checkpoint step folder (DCP files + config.yaml) or a checkpoint root (its newest step
-is taken). OUT_DIR receives model-0000x-of-0000N.safetensors, model.safetensors.index.json,
-config.json, generation_config.json and, with a tokenizer, tokenizer.model, tokenizer.json,
-tokenizer_config.json and special_tokens_map.json; `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
-loads it without remote code. --model_type defaults to internlm3 for INTERNLM3 and llama otherwise.
-Exits with status 2 when the target cannot express the model. See doc/convert.md.
-"""
-
+Installed as `internlm-convert2hf`; the code is in `internlm/cli/convert2hf.py`,
+and `python tools/convert2hf.py --help` lists the options."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="checkpoint step folder or checkpoint root")
-    parser.add_argument("--tgt", required=True, help="output folder")
-    parser.add_argument("--tokenizer", default=None,
-                        help="sentencepiece tokenizer.model (default: the config's data.tokenizer_path if it exists)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    parser.add_argument("--max_shard", default="10GB", help="largest safetensors file, e.g. 10GB or 500MB")
-    parser.add_argument("--model_type", default=None, choices=["internlm3", "llama"],
-                        help="transformers model type (default: internlm3 for INTERNLM3, llama otherwise)")
-    parser.add_argument("--no_progress", action="store_true")
-    args = parser.parse_args(argv)
-
-    from internlm.config import ConfigError, torch_dtype
-    from internlm.hf import ConversionError, export_ckpt_to_hf
-
-    try:
-        dtype = torch_dtype(args.dtype)
-        report = export_ckpt_to_hf(args.src, args.tgt, target=args.model_type, dtype=dtype,
-                                   max_shard=args.max_shard, tokenizer=args.tokenizer,
-                                   progress=not args.no_progress)
-    except (ConversionError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {report.out_dir}: {report.model_type} as transformers '{report.target}', {report.dtype}, "
-          f"{report.total_size / 1e6:.1f} MB in {report.shards} shard(s), {report.seconds:.1f}s")
-    for note in report.notes:
-        print(f"note: {note}")
-    return 0
-
+from internlm.cli.convert2hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

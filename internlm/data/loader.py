@@ -118,7 +118,7 @@ def build_valid_loader(
     if per_rank == 0:
         warnings.warn(
             f"validation data gives {len(dataset)} rows of {packed_length} tokens: too few for one micro-batch "
-            f"of {micro_bsz} rows on each of {dp_size} ranks; validation is skipped"
+            f"of {micro_bsz} rows on each of {dp_size} ranks; validation is skipped", stacklevel=2
         )
         return []
     first = dp_rank * per_rank

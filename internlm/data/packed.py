@@ -26,8 +26,8 @@ class DummySource:
 
     Sample ``i`` depends only on ``(seed, i)``, so it is the same whatever order samples are read in.
     Each sample is ``bos``, then a short random motif repeated, then ``eos``: random tokens drawn from a
-    Zipf-like distribution, with structure a model can pick up, so the loss on dummy data falls below ``log(vocab_size)`` and a
-    smoke test can tell a training run that learns from one that does not. Types alternate
+    Zipf-like distribution, with structure a model can pick up, so the loss on dummy data falls below
+    ``log(vocab_size)`` and a smoke test can tell a training run that learns from one that does not. Types alternate
     between ``dummy_a`` (even samples) and ``dummy_b`` (odd samples).
     """
 
@@ -112,7 +112,8 @@ class PackedDataset:
 
         lengths = np.asarray(source.lengths, dtype=np.int64)
         if lengths.ndim != 1 or len(lengths) != len(source):
-            raise ValueError(f"source.lengths must be 1-D with one entry per sample ({len(source)}), got shape {lengths.shape}")
+            raise ValueError(f"source.lengths must be 1-D with one entry per sample ({len(source)}), "
+                             f"got shape {lengths.shape}")
         self._lengths = lengths
         keep = lengths >= max(self.min_length, 1)  # empty samples add nothing to the stream
         # kept_samples[j] is the source index of the j-th kept sample; it starts at stream offset

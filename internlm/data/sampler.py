@@ -39,7 +39,8 @@ class StatefulBatchSampler:
         drop_last: bool = True,
     ):
         if min(micro_num, micro_bsz, dp_size) <= 0:
-            raise ValueError(f"micro_num, micro_bsz and dp_size must be positive, got {micro_num}, {micro_bsz}, {dp_size}")
+            raise ValueError(f"micro_num, micro_bsz and dp_size must be positive, got {micro_num}, {micro_bsz}, "
+                             f"{dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
         if seed < 0:
@@ -124,12 +125,14 @@ class StatefulBatchSampler:
             )
         seed = int(state["seed"])
         if seed != self.seed:
-            warnings.warn(f"resuming the data order with the checkpoint's seed {seed} instead of the configured {self.seed}")
+            warnings.warn(f"resuming the data order with the checkpoint's seed {seed} instead of the configured "
+                          f"{self.seed}", stacklevel=2)
         saved_rows_per_step = int(state["global_rows_per_step"])
         if saved_rows_per_step != self.global_rows_per_step:
             warnings.warn(
                 f"global batch changed from {saved_rows_per_step} to {self.global_rows_per_step} rows per step; "
-                "continuing from the same row of the epoch, but the batches will not match the original run"
+                "continuing from the same row of the epoch, but the batches will not match the original run",
+                stacklevel=2,
             )
         epoch, consumed = int(state["epoch"]), int(state["rows_consumed_in_epoch"])
         if epoch < 0 or not 0 <= consumed <= self.num_rows:

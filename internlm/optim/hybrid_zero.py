@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.placement_types import Shard
 
 from internlm.optim.grad_scaler import DynamicGradScaler
 
@@ -40,7 +39,7 @@ def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict]:
     (under plain TP the norms stay plain tensors, and foreach kernels cannot mix the two)."""
     buckets: dict[tuple[bool, bool], list] = {}
     for model in models:
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if not p.requires_grad:
                 continue
             buckets.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -29,10 +29,7 @@ HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidde
 
 
 def _convert2hf():
-    spec = importlib.util.spec_from_file_location("convert2hf", harness.ROOT / "tools" / "convert2hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("internlm.cli.convert2hf")
 
 
 def random_hf_llama(folder: Path):

@@ -1,4 +1,4 @@
-"""tools/benchmark.py and internlm/bench.py: the tool's JSON, the HF comparison, and that the HF
+"""tools/benchmark.py and internlm/cli/benchmark_sides.py: the tool's JSON, the HF comparison, and that the HF
 baseline is the same model as ours (same parameter count; same weights give the same loss and
 gradients on the same batch)."""
 import json
@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from internlm.bench import build_hf_model, copy_initial_weights_to_hf, hf_loss, hf_micro_batches, hf_param_name
+from internlm.cli.benchmark_sides import (
+    build_hf_model,
+    copy_initial_weights_to_hf,
+    hf_loss,
+    hf_micro_batches,
+    hf_param_name,
+)
 from internlm.data.loader import build_train_loader
 from internlm.data.packed import DummySource
 from internlm.loss import PackedLMLoss, make_target

@@ -2,7 +2,7 @@
 dict round trip (single process, no process group), RNG, schedulers, errors and tools/ckpt_info.py."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import random
 import sys
@@ -265,10 +265,7 @@ def test_hf_ckpt_type_without_internlm_hf_is_a_checkpoint_error(monkeypatch):
 # ---- tools/ckpt_info.py ----------------------------------------------------------------------------
 
 def ckpt_info():
-    spec = importlib.util.spec_from_file_location("ckpt_info", ROOT / "tools" / "ckpt_info.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("internlm.cli.ckpt_info")
 
 
 def test_ckpt_info_prints_a_checkpoint_and_lists_a_save_folder(tmp_path, capsys):

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from internlm.cli import gpu_check
 from internlm.model import attention
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check  # noqa: E402
 
 
 def run_check(tmp_path, *args):

@@ -2,7 +2,7 @@
 
 Every check compares against transformers itself (no remote code), in fp32 on CPU.
 """
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -28,10 +28,7 @@ TOL = 1e-4
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"internlm.cli.{name}")
 
 
 def tiny_config(model_type, seq_len=16, **model_kw):

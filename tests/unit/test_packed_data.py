@@ -253,7 +253,8 @@ def test_train_loader_shapes_and_dtypes():
     # Each micro-batch is micro_bsz packed rows laid end to end.
     rows = loader.sampler.epoch_order(0)[:2]
     for j, r in enumerate(rows):
-        np.testing.assert_array_equal(batch["input_ids"][0, j * 16 : (j + 1) * 16].numpy(), loader.dataset[r]["input_ids"])
+        np.testing.assert_array_equal(batch["input_ids"][0, j * 16 : (j + 1) * 16].numpy(),
+                                      loader.dataset[r]["input_ids"])
         assert batch["position_ids"][0, j * 16] == 0
         assert batch["labels"][0, (j + 1) * 16 - 1] == IGNORE_INDEX
     assert loader.state_dict()["rows_consumed_in_epoch"] == 12

@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import train  # the entry point at the repository root, called in-process for the fast error checks
+from internlm import pipeline as PP
 from internlm.config import load_config
 from internlm.parallel import MESH_DIMS, ParallelDims
-from internlm import pipeline as PP
-
-import train  # the entry point at the repository root, called in-process for the fast error checks
 from tests.parallel.harness import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -73,19 +73,22 @@ def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
     tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(24), torch.arange(40)])[None]
     outputs, sdpa_dtypes = {}, {}
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.overloadpacket.__name__:
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
     for upcast in (False, True):
         model.args.attn_upcast = upcast
-        seen = []
-
-        class Spy(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if "scaled_dot_product" in func.overloadpacket.__name__:
-                    seen.append(args[0].dtype)
-                return func(*args, **(kwargs or {}))
-
-        with Spy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        spy = Spy()
+        with spy, torch.autocast("cpu", dtype=torch.bfloat16):
             outputs[upcast] = model(tokens, positions).float()
-        sdpa_dtypes[upcast] = set(seen)
+        sdpa_dtypes[upcast] = set(spy.seen)
     assert sdpa_dtypes == {False: {torch.bfloat16}, True: {torch.float32}}
     assert outputs[True].dtype == outputs[False].dtype
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0.05, atol=0.05)

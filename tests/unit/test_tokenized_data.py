@@ -1,7 +1,7 @@
 """The .bin/.bin.meta format, its error messages, and tools/tokenizer.py + tools/train_tokenizer.py."""
 
 import copy
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -17,10 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"internlm.cli.{name}")
 
 
 tokenizer_tool = _load_tool("tokenizer")

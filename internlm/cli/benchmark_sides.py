@@ -139,7 +139,8 @@ def optimizer_impl(opt: torch.optim.Optimizer) -> str:
 def make_adamw(groups, kwargs, device: torch.device, impl: str = "auto") -> torch.optim.Optimizer:
     """The AdamW implementation our HybridZeroOptimizer picks for `adam.impl` (torch's fused one by
     default), so that both sides of a comparison step the same optimizer."""
-    from internlm.optim.hybrid_zero import make_adamw as _make, resolve_adamw_impl
+    from internlm.optim.hybrid_zero import make_adamw as _make
+    from internlm.optim.hybrid_zero import resolve_adamw_impl
 
     return _make(groups, kwargs, resolve_adamw_impl(impl, device, has_dtensors=False))
 
@@ -232,7 +233,8 @@ class OursSide:
         return dict(params=t.model_args.num_params(), layout=t.dims.describe(), attention=t.model_args.attn_backend,
                     optimizer=optimizer_impl(t.optimizer.impl), device=str(self.device), dtype=str(t.dtype),
                     autocast=str(t.autocast_dtype) if t.autocast_dtype else "off", threads=torch.get_num_threads(),
-                    world_size=t.world_size, tokens_per_step=t.global_tokens_per_step, compile=bool(t.cfg.model.compile),
+                    world_size=t.world_size, tokens_per_step=t.global_tokens_per_step,
+                    compile=bool(t.cfg.model.compile),
                     torch_version=torch.__version__, device_name=_device_name(self.device), kernels=dict(t.kernels),
                     datasheet_peak_tflops=(M.known_peak_tflops(_device_name(self.device), t.dtype)
                                            if self.device.type == "cuda" else None))
@@ -272,14 +274,14 @@ class HFSide:
     name = "hf"
 
     def __init__(self, cfg, copy_weights: bool = True):
+        import transformers  # noqa: F401  (imported before the baseline so its RSS counts as baseline)
+
         from internlm.config import torch_dtype
         from internlm.data.loader import build_train_loader
         from internlm.launch import pick_device, seed_everything
         from internlm.optim.hybrid_zero import param_groups
         from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
         from internlm.trainer import build_sources
-
-        import transformers  # noqa: F401  (imported before the baseline so its RSS counts as baseline)
 
         self.baseline_rss = rss_bytes()
         self.cfg = cfg

@@ -1,0 +1,77 @@
+"""Tokenize raw text into InternEvo's X.bin / X.bin.meta format.
+
+    python tools/tokenizer.py --text_input_path data.jsonl --bin_output_path out/en/data.bin \
+        --tokenizer_path tokenizer.model [--workers 4] [--text_key text]
+
+Samples: each line of a .txt, each record of a .jsonl (the text under --text_key, or a bare string),
+each item of a .json list; blank samples are skipped. Each sample is written as bos + tokens + eos
+(turn either off with --no_add_bos / --no_add_eos). Put outputs in a sub-folder named after the data
+type (en/, code/, ...): that folder name is the sample's type when training.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from internlm.data.demo import encode_texts, iter_texts
+from internlm.data.tokenized import DataFormatError, write_bin
+
+
+def tokenize_file(
+    input_path,
+    output_bin,
+    tokenizer_path,
+    workers: int = 1,
+    text_key: str = "text",
+    add_bos: bool = True,
+    add_eos: bool = True,
+    progress: bool = False,
+) -> int:
+    """Tokenize `input_path` into `output_bin` (+ .meta); returns the number of samples written.
+
+    The output is the same whatever `workers` is: batches are encoded in a process pool and
+    collected in input order.
+    """
+    for what, p in (("input file", input_path), ("tokenizer", tokenizer_path)):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{what} not found: {p}")
+    encoded = encode_texts(iter_texts(input_path, text_key), tokenizer_path, workers, add_bos, add_eos)
+    if progress:
+        encoded = tqdm(encoded, desc=Path(input_path).name, unit=" samples", mininterval=1.0)
+    return write_bin(output_bin, encoded)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text_input_path", required=True, help=".txt, .json or .jsonl")
+    parser.add_argument("--bin_output_path", required=True, help="X.bin (X.bin.meta is written next to it)")
+    parser.add_argument("--tokenizer_path", required=True, help="sentencepiece .model")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--text_key", default="text")
+    parser.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--add_eos", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+
+    try:
+        n = tokenize_file(
+            args.text_input_path,
+            args.bin_output_path,
+            args.tokenizer_path,
+            workers=args.workers,
+            text_key=args.text_key,
+            add_bos=args.add_bos,
+            add_eos=args.add_eos,
+            progress=True,
+        )
+    except (OSError, RuntimeError, DataFormatError, UnicodeDecodeError) as e:
+        # OSError covers a missing file; RuntimeError is how sentencepiece reports an unreadable model.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} samples to {args.bin_output_path} and {args.bin_output_path}.meta")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

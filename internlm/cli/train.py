@@ -1,0 +1,46 @@
+"""Train an InternLM-family model from a config file.
+
+    python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [KEY=VALUE ...]
+    torchrun --nproc_per_node 8 train.py --config configs/7B_sft.py parallel.tensor.size=2
+    srun -N 2 --ntasks-per-node 8 python train.py --config configs/7B_sft.py --launcher slurm --port 29500
+
+Each trailing KEY=VALUE overrides a dotted config path; VALUE is parsed as a Python literal.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a .py (InternEvo style) or .yaml config file")
+    p.add_argument("--launcher", default="torch", choices=["torch", "slurm"])
+    p.add_argument("--port", type=int, default=None, help="master port (slurm; overrides torchrun's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from internlm.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from internlm.errors import run_guarded
+    from internlm.trainer import Trainer
+
+    return run_guarded(lambda: Trainer(cfg, launcher=args.launcher, port=args.port).fit())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
