@@ -1,11 +1,20 @@
-"""Turn user mistakes and distributed failures into one clear line per rank instead of a traceback."""
+"""User errors and collective failures become one clear line per rank instead of a traceback.
+
+Every error a user can cause and fix (a config key, a data file, a checkpoint, a conversion, the
+launch environment) derives from `UserError`; `run_guarded` prints it as `[rank N] error: ...` and
+exits 2. A failed or timed-out collective names the phase the rank was in and exits 3.
+"""
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
+from datetime import timedelta
 
-import torch.distributed as dist
+from internlm.log import logger
+
+
+class UserError(Exception):
+    """A mistake the user can fix, worded as a complete sentence (no traceback needed)."""
+
 
 _PHASE = ["start-up"]
 
@@ -31,16 +40,12 @@ def current_phase(exc: BaseException | None = None) -> str:
     return getattr(exc, "internlm_phase", None) or _PHASE[-1]
 
 
-def _rank() -> str:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-
-
 def _wait_for_peers(seconds: float = 10.0):
     """Before a rank exits on a user error: wait (briefly) until the other ranks reach the same point.
     Errors that depend on the layout are found by every rank at once, and the launcher kills the
     remaining ranks as soon as one exits; without this a slower rank could be killed before it
     printed its own line. A rank-local error just waits out the timeout."""
-    from datetime import timedelta
+    import torch.distributed as dist
 
     try:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -53,7 +58,7 @@ def _finish_together(seconds: float = 300.0) -> None:
     """After a successful run: every rank reaches this point before any tears down its process group.
     A rank that destroyed its gloo group while a peer was still finishing its last collective made
     that peer abort at exit ("terminate called without an active exception", seen once in CI)."""
-    from datetime import timedelta
+    import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
@@ -63,37 +68,33 @@ def _finish_together(seconds: float = 300.0) -> None:
         dist.barrier()
 
 
+def _is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistBackendError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text or "connection closed" in text)
+
+
 def run_guarded(fn) -> int:
-    from internlm.config import ConfigError
-    from internlm.launch import LaunchError, shutdown
+    """Run `fn()`; user errors and collective failures become one line per rank and an exit code."""
+    from internlm.launch import shutdown
 
     try:
         fn()
         _finish_together()
         return 0
-    except (ConfigError, LaunchError, FileNotFoundError) as exc:
-        print(f"[rank {_rank()}] error: {exc}", file=sys.stderr, flush=True)
+    except (UserError, FileNotFoundError) as exc:
+        logger.error(f"error: {exc}")
         _wait_for_peers()
         return 2
-    except ValueError as exc:
-        # data format problems (DataFormatError is a ValueError) and similar user-facing errors
-        if type(exc).__name__ in ("DataFormatError", "CheckpointError"):
-            print(f"[rank {_rank()}] error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        raise
-    except dist.DistBackendError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        print(f"[rank {_rank()}] collective failed or timed out during {current_phase(exc)}: {first}",
-              file=sys.stderr, flush=True)
-        return 3
     except RuntimeError as exc:
-        text = str(exc)
-        if "timed out" in text.lower() or "timeout" in text.lower() or "connection closed" in text.lower():
-            first = text.strip().splitlines()[0]
-            print(f"[rank {_rank()}] collective failed or timed out during {current_phase(exc)}: {first}",
-                  file=sys.stderr, flush=True)
-            return 3
-        raise
+        if not _is_collective_failure(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        logger.error(f"collective failed or timed out during {current_phase(exc)}: {first}")
+        return 3
     finally:
         try:
             shutdown()

@@ -538,6 +538,12 @@ def is_hf_dir(path) -> bool:
     return (Path(path) / "config.json").is_file() and not _is_dcp_dir(Path(path))
 
 
+def model_args_from_config(cfg) -> ModelArgs:
+    from internlm.builders import model_args
+
+    return model_args(cfg)
+
+
 def read_ckpt_config(ckpt_dir):
     """The resolved config saved with a checkpoint (data folders need not exist anymore)."""
     from internlm.config import ConfigError, load_config
@@ -560,7 +566,7 @@ class DCPSource:
 
         self.path = resolve_ckpt_dir(ckpt_dir)
         self.cfg = read_ckpt_config(self.path)
-        self.args = ModelArgs.from_config(self.cfg)
+        self.args = model_args_from_config(self.cfg)
         metadata = FileSystemReader(str(self.path)).read_metadata()
         self.entries = {k[len(CKPT_MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
                         if k.startswith(CKPT_MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
@@ -756,7 +762,7 @@ def _write_tokenizer_json(out_dir: Path, sp) -> bool:
 
 
 def find_tokenizer(cfg) -> str | None:
-    path = (cfg.get("data") or {}).get("tokenizer_path") if cfg is not None else None
+    path = cfg.data.tokenizer_path if cfg is not None else None
     return path if path and Path(path).is_file() else None
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from internlm import builders
 from internlm.model.attention import resolve_backend
-from internlm.model.internlm import InternLM, ModelArgs
+from internlm.model.internlm import InternLM, Kernels
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> InternLM:
@@ -30,12 +31,12 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> Intern
         fill = hf.load_hf_into_parts
     else:
         ckpt = hf.resolve_ckpt_dir(path)
-        args = ModelArgs.from_config(hf.read_ckpt_config(ckpt))
+        args = builders.model_args(hf.read_ckpt_config(ckpt))
         path = ckpt
         fill = hf.load_ckpt_into_parts
-    args.attn_backend = resolve_backend("auto", device, dtype=dtype)
+    kernels = Kernels(attn_backend=resolve_backend("auto", device, dtype=dtype))
     with torch.device("meta"):
-        model = InternLM(args)
+        model = InternLM(args, kernels)
     model.to_empty(device=device)
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # to_empty unties shared parameters

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from internlm.errors import UserError
+
 logger = logging.getLogger("internlm")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     pass
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "megatron_tflops",
     "model_flops_per_token",
     "mfu",
+    "internevo_mlp_ratio",
+    "step_throughput",
     "measure_peak_tflops",
     "known_peak_tflops",
     "device_peak_tflops",
@@ -138,6 +140,31 @@ def mfu(model_flops_per_token: float, tokens_per_second_per_device: float, peak_
     if peak_flops_per_device <= 0:
         raise ValueError(f"peak_flops_per_device must be positive, got {peak_flops_per_device}")
     return model_flops_per_token * tokens_per_second_per_device / peak_flops_per_device
+
+
+def internevo_mlp_ratio(mlp_ratio: float, multiple_of: int, hidden_size: int, intermediate_size: int) -> float:
+    """The mlp_ratio InternEvo's TFLOPS formula takes: the config's, unless an explicit FFN width differs
+    from the one it gives (then the real ratio)."""
+    from internlm.model.shape import swiglu_hidden_dim
+
+    if swiglu_hidden_dim(hidden_size, mlp_ratio, multiple_of) == intermediate_size:
+        return mlp_ratio
+    return intermediate_size / hidden_size
+
+
+def step_throughput(args, model_cfg, *, tokens: float, step_time_s: float, world_size: int, seq_len: int,
+                    peak_flops: float) -> dict:
+    """TGS, TFLOPS (InternEvo's formula) and MFU of one step of `tokens` global tokens. `args` is the
+    model's ModelArgs, `model_cfg` the config's `model` section (mlp_ratio, multiple_of, checkpoint)."""
+    t = tgs(tokens, step_time_s, world_size)
+    ratio = internevo_mlp_ratio(model_cfg.mlp_ratio, model_cfg.multiple_of, args.hidden_size, args.intermediate_size)
+    tf = megatron_tflops(step_time_s, checkpoint=bool(model_cfg.checkpoint), seq_len=seq_len,
+                         hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size,
+                         global_batch_size=tokens / seq_len, world_size=world_size, mlp_ratio=ratio)
+    fpt = model_flops_per_token(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size,
+                                num_heads=args.num_attention_heads, num_kv_heads=args.num_kv_attention_heads,
+                                head_dim=args.head_dim, intermediate_size=args.intermediate_size, seq_len=seq_len)
+    return dict(tgs=t, tflops=tf, mfu=mfu(fpt, t, peak_flops), model_flops_per_token=fpt)
 
 
 # --------------------------------------------------------------------------------------------

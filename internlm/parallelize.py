@@ -6,7 +6,6 @@ so that every layout holds the same full tensors.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -21,10 +20,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from internlm.log import logger
 from internlm.model.internlm import InternLM, init_full_tensor
-from internlm.parallel import ParallelDims
-
-logger = logging.getLogger("internlm")
+from internlm.parallel_dims import ParallelDims
 
 
 def apply_tensor_parallel(model: InternLM, tp_mesh: DeviceMesh, sequence_parallel: bool):
@@ -140,27 +138,28 @@ def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.d
             nxt.set_modules_to_backward_prefetch([prev])
 
 
-def fsdp_prefetch(cfg) -> bool:
-    """InternEvo's overlap_sync_param / overlap_sync_grad map to FSDP2's all-gather prefetch."""
-    hz = cfg.hybrid_zero_optimizer
-    return bool(hz.get("overlap_sync_param", True) or hz.get("overlap_sync_grad", True))
+def fsdp_prefetch(hybrid_zero) -> bool:
+    """InternEvo's overlap_sync_param / overlap_sync_grad (the `hybrid_zero_optimizer` section) map to
+    FSDP2's all-gather prefetch."""
+    return hybrid_zero.overlap_sync_param or hybrid_zero.overlap_sync_grad
 
 
-def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, cfg, compute_dtype: torch.dtype):
-    """Returns True when FSDP manages the compute dtype (else the trainer uses autocast)."""
+def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, model_cfg, compute_dtype: torch.dtype,
+                hybrid_zero) -> bool:
+    """Apply the layout to one model part; `model_cfg` is the config's `model` section (checkpointing,
+    compile), `hybrid_zero` its `hybrid_zero_optimizer` section. Returns True when FSDP manages the
+    compute dtype (else the trainer uses autocast)."""
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
-    policy = cfg.model.get("checkpoint_policy", "full")
-    n_ckpt = apply_activation_checkpointing(model, cfg.model.checkpoint, policy)
+    policy = model_cfg.checkpoint_policy
+    n_ckpt = apply_activation_checkpointing(model, model_cfg.checkpoint, policy)
     if n_ckpt:
-        logger.info("activation checkpointing (%s) on %d of %d layers of this stage", policy, n_ckpt,
-                    len(model.layers))
-    if cfg.model.get("compile"):
+        logger.info(f"activation checkpointing ({policy}) on {n_ckpt} of {len(model.layers)} layers of this stage")
+    if model_cfg.compile:
         apply_compile(model)
     if dims.dp > 1:
         apply_hybrid_zero(model, mesh["dp_replicate", "dp_shard"], compute_dtype,
-                          reshard_after_forward=dims.fsdp,
-                          prefetch=fsdp_prefetch(cfg))
+                          reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero))
         return True
     return False
 

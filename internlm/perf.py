@@ -68,38 +68,37 @@ def resolve_cpu_matmul(requested: str, device: torch.device, dtype: torch.dtype)
     return requested == "fp32" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
-def kernel_report(trainer) -> dict[str, str]:
-    """Which implementation serves each operation of this run, as the trainer set it up. Printed at
-    start (rank 0) and returned by the benchmark tool, so that a figure always says what it measured."""
+def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, *, loss_kernel: str,
+                  adamw_kind: str) -> dict[str, str]:
+    """Which implementation serves each operation of a run: `cfg` is its TrainConfig, `dims` its
+    ParallelDims, `kernels` the model's resolved Kernels, `loss_kernel` the loss's kernel and
+    `adamw_kind` the optimizer's AdamW implementation. Printed at start (rank 0) and returned by the
+    benchmark tool, so that a figure always says what it measured."""
     from internlm.model.attention import flash_available
     from internlm.model.ops import rms_norm_impl
     from internlm.parallelize import fsdp_prefetch
 
-    cfg, dev, dims = trainer.cfg, trainer.device, trainer.dims
-    backend = trainer.model_args.attn_backend
+    backend = kernels.attn_backend
     attention = {"flash": "flash-attn varlen (cu_seqlens)",
                  "varlen": "torch varlen flash attention (cu_seqlens)",
                  "sdpa": "torch SDPA (packed rows / block mask / length buckets)",
                  "sdpa_mask": "torch SDPA (one block-diagonal mask per window)",
                  "sdpa_loop": "torch SDPA (one call per sample)"}[backend]
-    if backend not in ("flash", "varlen") and trainer.model_args.attn_upcast:
+    if backend not in ("flash", "varlen") and kernels.attn_upcast:
         attention += ", computed in fp32"
-    if backend not in ("flash", "varlen") and dev.type == "cuda" and not flash_available():
+    if backend not in ("flash", "varlen") and device.type == "cuda" and not flash_available():
         attention += "; flash-attn not importable"
-    compiled = bool(cfg.model.get("compile"))
-    norm = {"apex": "apex fused RMSNorm", "torch": "torch F.rms_norm (fp32)"}[rms_norm_impl(dev)]
+    compiled = cfg.model.compile
+    norm = {"apex": "apex fused RMSNorm", "torch": "torch F.rms_norm (fp32)"}[rms_norm_impl(device)]
     ckpt = cfg.model.checkpoint
-    loss_fn = trainer.loss_fn
-    if loss_fn is None or loss_fn.kernel == "torch" or dims.tp > 1:
+    if loss_kernel == "torch" or dims.tp > 1:
         loss = "torch cross_entropy" + (" (loss_parallel over the vocabulary shards)" if dims.tp > 1 else "")
     else:
-        loss = f"chunked fp32 cross entropy ({loss_fn.kernel})"
-    opt = trainer.optimizer
-    adamw = {"fused": "torch AdamW (fused)", "foreach": "torch AdamW (foreach)",
-             "apex": "apex FusedAdam"}[opt.adamw_impl]
-    gemm = ("fp32 GEMM on bf16/fp16-rounded operands" if trainer.model_args.cpu_fp32_gemm
-            else "torch " + str(trainer.dtype).replace("torch.", "") + " GEMM")
-    report = {
+        loss = f"chunked fp32 cross entropy ({loss_kernel})"
+    adamw = {"fused": "torch AdamW (fused)", "foreach": "torch AdamW (foreach)", "apex": "apex FusedAdam"}[adamw_kind]
+    gemm = ("fp32 GEMM on bf16/fp16-rounded operands" if kernels.cpu_fp32_gemm
+            else "torch " + str(dtype).replace("torch.", "") + " GEMM")
+    return {
         "linear": gemm,
         "attention": attention,
         "rms_norm": norm + (", in compiled blocks" if compiled else ""),
@@ -107,8 +106,8 @@ def kernel_report(trainer) -> dict[str, str]:
         "loss": loss,
         "adamw": adamw,
         "compile": "per transformer block" if compiled else "off",
-        "activation_checkpointing": (f"{cfg.model.get('checkpoint_policy', 'full')} ({ckpt})" if ckpt else "off"),
-        "fsdp_prefetch": ("n/a (no data parallelism)" if dims.dp == 1 else "on" if fsdp_prefetch(cfg) else "off"),
-        "malloc": malloc_state() if dev.type == "cpu" else "n/a (CUDA caching allocator)",
+        "activation_checkpointing": f"{cfg.model.checkpoint_policy} ({ckpt})" if ckpt else "off",
+        "fsdp_prefetch": ("n/a (no data parallelism)" if dims.dp == 1
+                          else "on" if fsdp_prefetch(cfg.hybrid_zero_optimizer) else "off"),
+        "malloc": malloc_state() if device.type == "cpu" else "n/a (CUDA caching allocator)",
     }
-    return report

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from internlm.errors import UserError
+
 MARKER = "COMPLETE"
 META = "meta.json"
 STATE = "state.json"
@@ -38,7 +40,7 @@ FORMAT = "internlm-dcp"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, worded for the user (train.py prints it as one line)."""
 
 

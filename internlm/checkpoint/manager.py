@@ -1,12 +1,12 @@
 """CheckpointManager: when to save, how a save becomes complete, resuming, and stopping cleanly.
 
-The trainer calls `resume()` once after building everything, `after_step(step, total)` after each
-step (it returns True when the run must stop) and `finish()` when the loop ends. Only rank 0
+The trainer hands it what a checkpoint holds (model parts, optimizer, schedulers, data loader and
+a `TrainState`), calls `resume()` once after building everything, `after_step(step, total)` after
+each step (it returns True when the run must stop) and `finish()` when the loop ends. Only rank 0
 renames, marks and deletes folders; every rank writes its own shards and RNG file.
 """
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import signal
@@ -22,31 +22,35 @@ import torch.distributed.checkpoint as dcp
 from internlm.checkpoint import layout as L
 from internlm.checkpoint import state as S
 from internlm.checkpoint.layout import CheckpointError
+from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml
-
-logger = logging.getLogger("internlm")
+from internlm.log import logger
 
 ALL_CONTENT = frozenset({"model", "optimizer", "scheduler", "sampler", "all"})
 # test hook: "STEP:SECONDS" makes rank 0 sleep between writing step STEP and publishing it
 SLOW_SAVE_ENV = "INTERNLM_CKPT_TEST_SLOW_SAVE"
 
 
-def _say(msg: str) -> None:
-    print(f"[internlm] {msg}", flush=True)
-
-
 class CheckpointManager:
-    def __init__(self, trainer):
-        self.t = trainer
-        ck = trainer.cfg.ckpt
-        self.rank, self.world_size = trainer.rank, trainer.world_size
-        self.enabled = bool(ck.enable_save_ckpt)
-        self.folder = Path(ck.save_ckpt_folder) if ck.get("save_ckpt_folder") else None
-        self.every = int(ck.checkpoint_every)
-        self.snapshot_every = int(ck.get("oss_snapshot_freq") or 0)
-        self.async_save = bool(ck.get("async_upload"))
-        self.stop_file = ck.get("stop_file_path")
-        self.keep_last = int(ck.get("keep_last") or 0)
+    """`cfg` is the run's TrainConfig (its `ckpt` section drives saving; the whole config is written into
+    each checkpoint as config.yaml); `run_meta` holds the facts meta.json records about the run (model
+    type, dtype, layout, parameter count)."""
+
+    def __init__(self, cfg, *, model_parts, optimizer, lr_scheduler, beta2_scheduler, train_loader,
+                 train_state: TrainState, device: torch.device, rank: int, world_size: int, run_meta: dict):
+        self.cfg = cfg
+        self.model_parts, self.optimizer, self.train_loader = model_parts, optimizer, train_loader
+        self.lr_scheduler, self.beta2_scheduler = lr_scheduler, beta2_scheduler
+        self.train_state, self.device, self.run_meta = train_state, device, run_meta
+        ck = cfg.ckpt
+        self.rank, self.world_size = rank, world_size
+        self.enabled = ck.enable_save_ckpt
+        self.folder = Path(ck.save_ckpt_folder) if ck.save_ckpt_folder else None
+        self.every = ck.checkpoint_every
+        self.snapshot_every = ck.oss_snapshot_freq
+        self.async_save = ck.async_upload
+        self.stop_file = ck.stop_file_path
+        self.keep_last = ck.keep_last
         self.last_saved_step = None
         self._pending = None  # (future, tmp, final, step, what) of an async save in flight
         self._signal = None
@@ -70,7 +74,7 @@ class CheckpointManager:
             token = f"{os.getpid()}-{secrets.token_hex(3)}"
             if self.folder is not None and self.folder.is_dir():
                 for path in L.stale_folders(self.folder):
-                    _say(f"removing {path}: left by an interrupted save, never used")
+                    logger.info(f"removing {path}: left by an interrupted save, never used")
                     L.remove_checkpoint(path)
                 steps = []
                 for s in L.SNAPSHOT_SLOTS:
@@ -85,13 +89,13 @@ class CheckpointManager:
     def resume(self) -> None:
         """auto_resume: the newest complete checkpoint in save_ckpt_folder, everything in it. Else
         load_ckpt_info: the named checkpoint, only the listed content."""
-        ck = self.t.cfg.ckpt
-        if ck.get("auto_resume", True) and self.folder is not None:
+        ck = self.cfg.ckpt
+        if ck.auto_resume and self.folder is not None:
             latest = self._broadcast(self._find_latest() if self.rank == 0 else None)
             if latest is not None:
                 self.load(L.check_checkpoint(latest), set(ALL_CONTENT))
                 return
-        info = ck.get("load_ckpt_info")
+        info = ck.load_ckpt_info
         if not info:
             return
         if info["ckpt_type"] == "hf":
@@ -128,64 +132,57 @@ class CheckpointManager:
                                       "this installation does not have") from None
             raise
         try:
-            load_hf_into_parts(self.t.model_parts, path)
+            load_hf_into_parts(self.model_parts, path)
         except ValueError as exc:  # hf.ConversionError: a mismatch worded for the user
             if type(exc).__name__ == "ConversionError":
                 raise CheckpointError(f"cannot load the Hugging Face checkpoint {path}: {exc}") from None
             raise
         if self.rank == 0:
-            _say(f"loaded Hugging Face weights from {path}")
+            logger.info(f"loaded Hugging Face weights from {path}")
 
     def load(self, info: L.CheckpointInfo, content) -> None:
         """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by
         `check_checkpoint`. It may come from any layout: DCP reshards model and optimizer state."""
-        t, path, meta = self.t, info.path, info.meta
+        path, meta = info.path, info.meta
         everything = "all" in content
         t0 = time.perf_counter()
         train = {} if info.model_only else L.read_json(path / L.STATE, "train state")
         loaded = []
         if everything or "model" in content:
-            S.load_model(t.model_parts, path)
+            S.load_model(self.model_parts, path)
             loaded.append("model")
         if everything or "optimizer" in content:
-            S.load_optimizer(t.model_parts, t.optimizer.part_optimizers, path)
-            t.optimizer.load_state_dict(train["optimizer"])
+            S.load_optimizer(self.model_parts, self.optimizer.part_optimizers, path)
+            self.optimizer.load_state_dict(train["optimizer"])
             loaded.append("optimizer")
         if everything or "scheduler" in content:
             self._load_schedulers(train)
             loaded.append("scheduler")
         if everything or "sampler" in content:
-            t.train_loader.load_state_dict(train["sampler"])
-            t.step = int(train["step"])
-            t.consumed_tokens = int(train["consumed_tokens"])
+            self.train_loader.load_state_dict(train["sampler"])
+            self.train_state.load_state_dict(train)
             loaded.append("sampler")
         if everything:
             rng = path / L.rng_file(self.rank)
             if meta.get("world_size") == self.world_size and rng.is_file():
-                S.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), t.device)
+                S.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), self.device)
                 loaded.append("rng")
         if self.rank == 0:
             lay = meta.get("layout", {})
             saved = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "zero1", "num_chunks") if k in lay)
-            _say(f"{'resumed' if 'sampler' in loaded else 'loaded'} from {path} "
+            logger.info(f"{'resumed' if 'sampler' in loaded else 'loaded'} from {path} "
                  f"(step {info.step}{', saved under ' + saved if saved else ''}): {', '.join(loaded)} "
                  f"in {time.perf_counter() - t0:.1f}s")
 
     def _load_schedulers(self, train: dict) -> None:
         """Restore the schedules' position; their shape (total steps, warmup, base lr) follows the
         current config, so a resumed run may extend training."""
-        lr_sched, saved = self.t.lr_scheduler, train["lr_scheduler"]
-        for key in ("total_steps", "warmup_steps", "init_steps", "eta_min"):
-            if key in saved and saved[key] != getattr(lr_sched, key, saved[key]) and self.rank == 0:
-                logger.warning("lr schedule %s changed from %s to %s since the checkpoint; following the config",
-                               key, saved[key], getattr(lr_sched, key))
-        lr_sched.last_epoch = int(saved["last_epoch"])
-        lr_sched._step_count = int(saved.get("_step_count", lr_sched.last_epoch + 1))
-        lrs = lr_sched.get_lr()
-        for group, lr in zip(self.t.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        lr_sched._last_lr = list(lrs)
-        self.t.beta2_scheduler.load_state_dict(train["beta2_scheduler"])
+        saved = train["lr_scheduler"]
+        for key in self.lr_scheduler.load_state_dict(saved):
+            if self.rank == 0:
+                logger.warning(f"lr schedule {key} changed from {saved[key]} to {getattr(self.lr_scheduler, key)} "
+                               f"since the checkpoint; following the config")
+        self.beta2_scheduler.load_state_dict(train["beta2_scheduler"])
 
     # ---- stop requests ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -232,8 +229,8 @@ class CheckpointManager:
         self.wait()
         if self.rank == 0:
             if not self.enabled:
-                logger.warning("stopping on %s without a checkpoint: ckpt.enable_save_ckpt is False", reason)
-            _say(f"stopped after step {step} on {reason}"
+                logger.warning(f"stopping on {reason} without a checkpoint: ckpt.enable_save_ckpt is False")
+            logger.info(f"stopped after step {step} on {reason}"
                  + (f"; checkpoint {self.folder / str(step)}" if self.enabled else ""))
             if reason.startswith("stop file") and os.path.exists(self.stop_file):
                 os.remove(self.stop_file)  # consumed: a restarted job must not stop again at once
@@ -258,10 +255,10 @@ class CheckpointManager:
         tmp = L.tmp_path(final, self.token)
         t0 = time.perf_counter()
         (tmp / L.RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(S.rng_state(self.t.device), tmp / L.rng_file(self.rank))
+        torch.save(S.rng_state(self.device), tmp / L.rng_file(self.rank))
         if self.rank == 0:
             self._write_small_files(tmp, step, what)
-        state = S.save_state_dict(self.t.model_parts, self.t.optimizer.part_optimizers)
+        state = S.save_state_dict(self.model_parts, self.optimizer.part_optimizers)
         self.last_saved_step = step
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
@@ -274,28 +271,23 @@ class CheckpointManager:
         return final
 
     def _write_small_files(self, tmp: Path, step: int, what: str) -> None:
-        t = self.t
+        ts = self.train_state
         train = {
+            **ts.state_dict(),
             "step": step,
-            "consumed_tokens": t.consumed_tokens,
-            "inf_nan_skip_batches": t.optimizer.skipped_steps,
-            "optimizer": t.optimizer.state_dict(),
-            "lr_scheduler": {k: v for k, v in t.lr_scheduler.state_dict().items() if not k.startswith("_is")},
-            "beta2_scheduler": t.beta2_scheduler.state_dict(),
-            "sampler": t.train_loader.state_dict(),
+            "inf_nan_skip_batches": self.optimizer.skipped_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "beta2_scheduler": self.beta2_scheduler.state_dict(),
+            "sampler": self.train_loader.state_dict(),
         }
         L.write_json(tmp / L.STATE, train)
-        dump_yaml(t.cfg, tmp / L.CONFIG)
-        d = t.dims
+        dump_yaml(self.cfg, tmp / L.CONFIG)
         L.write_json(tmp / L.META, {
             "format": L.FORMAT, "format_version": L.FORMAT_VERSION, "kind": what, "step": step,
-            "tokens_seen": t.consumed_tokens, "model_type": t.cfg.model_type, "dtype": str(t.dtype),
-            "world_size": self.world_size,
-            "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "zero1": d.dp_shard, "dp_replicate": d.dp_replicate,
-                       "num_chunks": d.num_chunks, "pp_mode": d.pp_mode, "tp_mode": d.tp_mode, "fsdp": d.fsdp},
-            "num_params": t.model_args.num_params(),
+            "tokens_seen": ts.consumed_tokens, **self.run_meta, "world_size": self.world_size,
             "torch_version": torch.__version__, "python_version": sys.version.split()[0],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_name": t.cfg.get("JOB_NAME"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_name": self.cfg.JOB_NAME,
         })
 
     def _publish(self, tmp: Path, final: Path, step: int, what: str, t0: float) -> None:
@@ -307,7 +299,7 @@ class CheckpointManager:
             time.sleep(float(hook.split(":")[1]))
         L.commit(tmp, final, self.token, step)
         pruned = L.prune(self.folder, self.keep_last, protect=final) if what == "checkpoint" else []
-        _say(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s"
+        logger.info(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s"
              + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
 
     def _poll_async(self) -> None:

@@ -138,29 +138,16 @@ def _alternate(sides, warmup: int, steps: int, k: int, log) -> dict:
 
 def _figures(cfg, info: dict, recs: list[dict], peak_tflops: float, world_size: int) -> dict:
     """TGS, TFLOPS and MFU of the median step, by the trainer's own formulas (internlm.metrics)."""
+    from internlm import builders
     from internlm import metrics as M
     from internlm.cli.benchmark_sides import cpu_stats, median_low_index, step_stats
-    from internlm.model.internlm import ModelArgs
-    from internlm.model.ops import swiglu_hidden_dim
 
-    a = ModelArgs.from_config(cfg)
     times = [r["step_time"] for r in recs]
     t = times[median_low_index(times)]
-    tokens = info["tokens_per_step"]
-    seq_len = cfg.data.seq_len
-    mlp_ratio = (cfg.model.mlp_ratio if swiglu_hidden_dim(a.hidden_size, cfg.model.mlp_ratio, cfg.model.multiple_of)
-                 == a.intermediate_size else a.intermediate_size / a.hidden_size)
-    tgs = M.tgs(tokens, t, world_size)
-    tflops = M.megatron_tflops(t, checkpoint=bool(cfg.model.checkpoint), seq_len=seq_len, hidden_size=a.hidden_size,
-                               num_layers=a.num_layers, vocab_size=a.vocab_size, global_batch_size=tokens / seq_len,
-                               world_size=world_size, mlp_ratio=mlp_ratio)
-    fpt = M.model_flops_per_token(hidden_size=a.hidden_size, num_layers=a.num_layers, vocab_size=a.vocab_size,
-                                  num_heads=a.num_attention_heads, num_kv_heads=a.num_kv_attention_heads,
-                                  head_dim=a.head_dim, intermediate_size=a.intermediate_size, seq_len=seq_len)
-    out = dict(tgs=tgs, tflops=tflops, mfu=M.mfu(fpt, tgs, peak_tflops * 1e12), model_flops_per_token=fpt,
-               **step_stats(times), **cpu_stats(recs), step_times=times, loss_first=recs[0]["loss"],
-               loss_last=recs[-1]["loss"])
-    return out
+    speed = M.step_throughput(builders.model_args(cfg), cfg.model, tokens=info["tokens_per_step"], step_time_s=t,
+                              world_size=world_size, seq_len=cfg.data.seq_len, peak_flops=peak_tflops * 1e12)
+    return dict(**speed, **step_stats(times), **cpu_stats(recs), step_times=times, loss_first=recs[0]["loss"],
+                loss_last=recs[-1]["loss"])
 
 
 def _loadavg() -> float | None:

@@ -230,11 +230,12 @@ class OursSide:
 
     def describe(self) -> dict:
         t = self.trainer
-        return dict(params=t.model_args.num_params(), layout=t.dims.describe(), attention=t.model_args.attn_backend,
-                    optimizer=optimizer_impl(t.optimizer.impl), device=str(self.device), dtype=str(t.dtype),
+        return dict(params=t.model_args.num_params(), layout=t.dims.describe(),
+                    attention=t.model_kernels.attn_backend, optimizer=optimizer_impl(t.optimizer.torch_optimizer),
+                    device=str(self.device), dtype=str(t.dtype),
                     autocast=str(t.autocast_dtype) if t.autocast_dtype else "off", threads=torch.get_num_threads(),
                     world_size=t.world_size, tokens_per_step=t.global_tokens_per_step,
-                    compile=bool(t.cfg.model.compile),
+                    compile=t.cfg.model.compile,
                     torch_version=torch.__version__, device_name=_device_name(self.device), kernels=dict(t.kernels),
                     datasheet_peak_tflops=(M.known_peak_tflops(_device_name(self.device), t.dtype)
                                            if self.device.type == "cuda" else None))
@@ -276,45 +277,33 @@ class HFSide:
     def __init__(self, cfg, copy_weights: bool = True):
         import transformers  # noqa: F401  (imported before the baseline so its RSS counts as baseline)
 
+        from internlm import builders
         from internlm.config import torch_dtype
-        from internlm.data.loader import build_train_loader
         from internlm.launch import pick_device, seed_everything
         from internlm.optim.hybrid_zero import param_groups
-        from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
-        from internlm.trainer import build_sources
 
         self.baseline_rss = rss_bytes()
         self.cfg = cfg
-        self.seed = int(cfg.get("seed", 1024))
+        self.seed = cfg.seed
         seed_everything(self.seed)
-        self.device = pick_device(cfg.get("device", "auto"), 0)
+        self.device = pick_device(cfg.device, 0)
         self.dtype = torch_dtype(cfg.model.dtype)
-        self.args = ModelArgs.from_config(cfg)
+        self.args = builders.model_args(cfg)
         self.model = build_hf_model(self.args, self.device)
         if copy_weights:
             copy_initial_weights_to_hf(self.args, self.seed, self.model)
         adam = cfg.adam
         kwargs = dict(lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps)
         # the same AdamW implementation our optimizer picks (adam.impl)
-        self.optimizer = make_adamw(param_groups([self.model], adam.weight_decay), kwargs, self.device,
-                                    adam.get("impl", "auto"))
+        self.optimizer = make_adamw(param_groups([self.model], adam.weight_decay), kwargs, self.device, adam.impl)
         # the trainer's learning-rate and beta2 schedules, so that the two loss curves can be compared
-        lr = cfg.lr_scheduler
-        self.lr_scheduler = WarmupCosineLR(self.optimizer, total_steps=lr.total_steps, warmup_ratio=lr.warmup_ratio,
-                                           eta_min=lr.eta_min, init_steps=lr.get("init_steps", 0))
-        b2 = cfg.beta2_scheduler
-        self.beta2_scheduler = Beta2Scheduler(self.optimizer, init_beta2=b2.init_beta2, c=b2.c,
-                                              cur_iter=b2.get("cur_iter", -1))
+        self.lr_scheduler, self.beta2_scheduler = builders.schedulers(self.optimizer, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.clip = cfg.hybrid_zero_optimizer.get("clip_grad_norm") or 0.0
+        self.clip = cfg.hybrid_zero_optimizer.clip_grad_norm or 0.0
         self.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        data = cfg.data
-        train_src, _ = build_sources(cfg, self.seed)
-        self.loader = build_train_loader(
-            train_src, packed_length=data.seq_len, micro_num=data.micro_num, micro_bsz=data.micro_bsz, dp_rank=0,
-            dp_size=1, seed=self.seed, min_length=data.get("min_length", 0),
-            pack_sample_into_one=data.get("pack_sample_into_one", False), shuffle=data.get("shuffle", True))
+        train_src, _ = builders.sources(cfg, self.seed)
+        self.loader = builders.train_loader(cfg, train_src, self.seed)
         self.iterator = iter(self.loader)
         self.tokens_per_step = self.loader.tokens_per_step_global
         if self.device.type == "cuda":

@@ -15,16 +15,25 @@ import sys
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a .py (InternEvo style) or .yaml config file")
+    p.add_argument("--config", help="a .py (InternEvo style) or .yaml config file")
+    p.add_argument("--config-keys", action="store_true", help="print every config key (type, default, meaning)")
     p.add_argument("--launcher", default="torch", choices=["torch", "slurm"])
     p.add_argument("--port", type=int, default=None, help="master port (slurm; overrides torchrun's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if not args.config and not args.config_keys:
+        p.error("the following arguments are required: --config")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.config_keys:
+        from internlm.config.docs import plain
+
+        print(plain(), end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from internlm.config import ConfigError, load_config
 

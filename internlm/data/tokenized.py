@@ -19,12 +19,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from internlm.errors import UserError
+
 __all__ = ["DataFormatError", "write_bin", "TokenizedFile", "TokenizedFolder", "meta_path"]
 
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A .bin/.bin.meta file or a data folder is missing or malformed."""
 
 

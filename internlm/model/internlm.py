@@ -1,10 +1,8 @@
 """The InternLM family of transformers as one plain-PyTorch module.
 
-model_type          attention         biases                   head_dim
-INTERNLM (v1)       MHA               q/k/v and output proj    hidden / heads
-INTERNLM2_PUBLIC    GQA               none                     hidden / heads
-INTERNLM3           GQA               none                     explicit
-LLAMA2              MHA or GQA        none                     hidden / heads
+The shape rules of each model_type (biases, head size, FFN width) are in `shape.py`. `ModelArgs` is
+the model's shape; `Kernels` the per-run choice of kernels (attention backend and precision, the CPU
+GEMM), which the trainer resolves for its device (`internlm.builders`) and which changes no weight.
 
 Parameter names are stable and parallel-agnostic (`layers.<i>.attention.wq.weight`, ...): layers live
 in a ModuleDict keyed by their global index, so a pipeline stage that keeps layers 4..7 keeps their
@@ -14,16 +12,24 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from internlm.model.attention import AttentionPlan, packed_attention, plan_attention
-from internlm.model.ops import Linear, RMSNorm, apply_rope, rope_cos_sin, swiglu_hidden_dim
+from internlm.model.ops import Linear, RMSNorm, apply_rope, rope_cos_sin
+from internlm.model.shape import default_head_dim, swiglu_hidden_dim
 
-MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2")
+
+@dataclass
+class Kernels:
+    """Which kernels a run uses; resolved for the device by the trainer (`internlm.builders.kernels`)."""
+
+    attn_backend: str = "sdpa"  # attention.BACKENDS
+    attn_upcast: bool = False  # SDPA computes in fp32 (attention.py), from model.attn_compute
+    cpu_fp32_gemm: bool = False  # bf16 matmuls as fp32 GEMMs on CPU (ops.Linear), from model.cpu_matmul
 
 
 @dataclass
@@ -46,34 +52,12 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     model_type: str = "INTERNLM2_PUBLIC"
-    attn_backend: str = "sdpa"
-    attn_upcast: bool = False  # SDPA computes in fp32 (attention.py); the trainer sets it from attn_compute
-    cpu_fp32_gemm: bool = False  # bf16 matmuls as fp32 GEMMs on CPU (ops.Linear); from model.cpu_matmul
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            self.head_dim = default_head_dim(self.hidden_size, self.num_attention_heads)
         if not self.intermediate_size:
             self.intermediate_size = swiglu_hidden_dim(self.hidden_size, self.mlp_ratio, self.multiple_of)
-
-    @classmethod
-    def from_config(cls, cfg) -> "ModelArgs":
-        """Build from a resolved config (internlm.config.Config)."""
-        m = cfg.model
-        model_type = cfg.model_type
-        no_bias = m.get("no_bias")
-        has_bias = (model_type == "INTERNLM") if no_bias is None else not no_bias
-        return cls(
-            vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_kv_attention_heads=m.get("num_kv_attention_heads") or m.num_attention_heads,
-            head_dim=m.get("head_dim") or 0, intermediate_size=m.get("intermediate_size") or 0,
-            mlp_ratio=m.mlp_ratio, multiple_of=m.multiple_of, norm_eps=m.layer_norm_epsilon,
-            rope_base=float(m.rope_base), rope_scaling=dict(m.rope_scaling) if m.get("rope_scaling") else None,
-            max_position_embeddings=m.max_position_embeddings, qkv_bias=has_bias, o_bias=has_bias,
-            tie_word_embeddings=bool(m.tie_word_embeddings), init_std=m.init_std, model_type=model_type,
-        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,11 +73,11 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kernels: Kernels):
         super().__init__()
         h, hd = args.hidden_size, args.head_dim
         self.head_dim = hd
-        f32 = args.cpu_fp32_gemm
+        f32 = kernels.cpu_fp32_gemm
         self.wq = Linear(h, args.num_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
         self.wk = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
         self.wv = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
@@ -113,9 +97,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kernels: Kernels):
         super().__init__()
-        f32 = args.cpu_fp32_gemm
+        f32 = kernels.cpu_fp32_gemm
         self.w1 = Linear(args.hidden_size, args.intermediate_size, bias=False, fp32_gemm=f32)
         self.w3 = Linear(args.hidden_size, args.intermediate_size, bias=False, fp32_gemm=f32)
         self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=False, fp32_gemm=f32)
@@ -125,12 +109,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kernels: Kernels):
         super().__init__()
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, kernels)
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args, kernels)
 
     def forward(self, x, cos, sin, plan: AttentionPlan):
         x = x + self.attention(self.attention_norm(x), cos, sin, plan)
@@ -138,18 +122,16 @@ class TransformerBlock(nn.Module):
 
 
 class InternLM(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kernels: Kernels | None = None):
         super().__init__()
-        self.args = args
+        kernels = kernels or Kernels()
+        self.args, self.kernels = args, kernels
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.num_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, kernels) for i in range(args.num_layers)})
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.output = Linear(args.hidden_size, args.vocab_size, bias=False, fp32_gemm=args.cpu_fp32_gemm)
+        self.output = Linear(args.hidden_size, args.vocab_size, bias=False, fp32_gemm=kernels.cpu_fp32_gemm)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    def set_attn_backend(self, backend: str):
-        self.args.attn_backend = backend
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, T] on the first pipeline stage, hidden states [B, T, h] elsewhere.
@@ -160,7 +142,8 @@ class InternLM(nn.Module):
             position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_base,
                                 self.args.rope_scaling, self.args.max_position_embeddings)
-        plan = plan_attention(position_ids, self.args.attn_backend, self.args.attn_upcast)  # shared by every layer
+        # worked out once, shared by every layer
+        plan = plan_attention(position_ids, self.kernels.attn_backend, self.kernels.attn_upcast)
         for block in self.layers.values():
             h = block(h, cos, sin, plan)
         if self.norm is not None:

@@ -5,8 +5,6 @@ on local shards (heads are inferred from the tensor shape, never stored).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,9 +129,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def swiglu_hidden_dim(hidden_size: int, mlp_ratio: float, multiple_of: int) -> int:
-    """InternEvo's FFN width: int(h * mlp_ratio) rounded up to a multiple of `multiple_of`."""
-    dim = int(hidden_size * mlp_ratio)
-    return multiple_of * math.ceil(dim / multiple_of)

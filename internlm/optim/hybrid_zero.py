@@ -136,47 +136,41 @@ class PartOptimizers(torch.optim.Optimizer):
 
 
 class HybridZeroOptimizer:
-    def __init__(self, models: list[nn.Module], adam_cfg, clip_grad_norm: float | None, stage_world_size: int,
-                 device: torch.device, fp16: bool = False, scaler_cfg=None):
+    """`adam` is the config's `adam` section (`internlm.config.AdamConfig`); `grad_scaler` its
+    `grad_scaler` section, given for fp16 training (dynamic loss scaling) and None otherwise."""
+
+    def __init__(self, models: list[nn.Module], adam, clip_grad_norm: float | None, stage_world_size: int,
+                 device: torch.device, grad_scaler=None):
         self.models = models
         self.params = [p for m in models for p in m.parameters() if p.requires_grad]
         self.clip_grad_norm = clip_grad_norm or 0.0
         self.stage_world_size = stage_world_size  # ranks that hold one pipeline stage: dp * tp
         self.device = device
-        kwargs = dict(lr=adam_cfg.lr, betas=(adam_cfg.adam_beta1, adam_cfg.adam_beta2), eps=adam_cfg.adam_eps)
-        # one AdamW per model part (see PartOptimizers); `impl` is what the LR/beta2 schedulers drive
-        impl = resolve_adamw_impl(adam_cfg.get("impl", "auto") if hasattr(adam_cfg, "get") else "auto",
-                                  device, any(isinstance(p, DTensor) for p in self.params))
-        self.adamw_impl = impl
-        self.part_optimizers = [make_adamw(param_groups([m], adam_cfg.weight_decay), kwargs, impl)
+        kwargs = dict(lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps)
+        self.adamw_kind = resolve_adamw_impl(adam.impl, device, any(isinstance(p, DTensor) for p in self.params))
+        # one AdamW per model part (see PartOptimizers); `torch_optimizer` is what the schedulers drive
+        self.part_optimizers = [make_adamw(param_groups([m], adam.weight_decay), kwargs, self.adamw_kind)
                                 for m in models]
-        self.impl = PartOptimizers(self.part_optimizers)
-        self.fp16 = fp16
-        if fp16:
-            sc = scaler_cfg or {}
-            fp16_cfg = sc.get("fp16", {}) or {}
+        self.torch_optimizer = PartOptimizers(self.part_optimizers)
+        self.grad_scaler = None
+        if grad_scaler is not None:
+            sc = grad_scaler
             self.grad_scaler = DynamicGradScaler(
-                initial_scale=fp16_cfg.get("initial_scale", 2**16), min_scale=fp16_cfg.get("min_scale", 1),
-                growth_interval=fp16_cfg.get("growth_interval", 1000), growth_factor=sc.get("growth_factor", 2),
-                backoff_factor=sc.get("backoff_factor", 0.5), hysteresis=sc.get("hysteresis", 2),
-                max_scale=sc.get("max_scale", 2**24))
-        else:
-            self.grad_scaler = None
+                initial_scale=sc.fp16.initial_scale, min_scale=sc.fp16.min_scale,
+                growth_interval=sc.fp16.growth_interval, growth_factor=sc.growth_factor,
+                backoff_factor=sc.backoff_factor, hysteresis=sc.hysteresis, max_scale=sc.max_scale)
         self.skipped_steps = 0
 
     @property
     def param_groups(self):
-        return self.impl.param_groups
+        return self.torch_optimizer.param_groups
 
     @property
     def loss_scale(self) -> float:
         return float(self.grad_scaler.scale) if self.grad_scaler else 1.0
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.loss_scale if self.grad_scaler else loss
-
     def zero_grad(self):
-        self.impl.zero_grad(set_to_none=True)
+        self.torch_optimizer.zero_grad(set_to_none=True)
 
     def _align_grad_placements(self):
         # DTensor autograd may hand back a gradient laid out unlike its parameter (a vocab-sharded
@@ -225,7 +219,7 @@ class HybridZeroOptimizer:
         if coef != 1.0:
             grads = [_local(p.grad) for p in self.params if p.grad is not None]
             torch._foreach_mul_(grads, coef)
-        self.impl.step()
+        self.torch_optimizer.step()
         self.zero_grad()
         return True, norm
 

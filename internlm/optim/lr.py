@@ -49,7 +49,7 @@ class WarmupCosineLR(LRScheduler):
 
     ``warmup_steps = int(warmup_ratio * total_steps)`` as InternEvo computes it; ``init_steps`` updates
     with lr 0 come before the warmup. Construction sets the lr of update 0, and each ``step()`` after an
-    update moves to the next one. ``state_dict``/``load_state_dict`` come from torch's LRScheduler.
+    update moves to the next one. ``state_dict``/``load_state_dict`` save and restore the position.
     """
 
     def __init__(
@@ -82,6 +82,26 @@ class WarmupCosineLR(LRScheduler):
 
     def _get_closed_form_lr(self) -> list[float]:
         return self._lrs_at(self.last_epoch)
+
+    SHAPE_KEYS = ("total_steps", "warmup_steps", "init_steps", "eta_min")
+
+    def state_dict(self) -> dict:
+        """The schedule's position and the shape it had, as plain numbers (a checkpoint's state.json)."""
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count,
+                **{k: getattr(self, k) for k in self.SHAPE_KEYS}}
+
+    def load_state_dict(self, state_dict: dict) -> list[str]:
+        """Restore the position; the shape (total steps, warm-up, eta_min, base lr) follows this
+        scheduler's own settings, so a resumed run may extend training. Returns the shape keys that
+        differ from the saved ones."""
+        changed = [k for k in self.SHAPE_KEYS if k in state_dict and state_dict[k] != getattr(self, k)]
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+        return changed
 
 
 class Beta2Scheduler:

@@ -110,10 +110,11 @@ def test_hf_import_tp2_trains_like_one_process(tmp_path):
 def test_train_tp2_pp2_then_export_matches_load_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from internlm.builders import model_args
     from internlm.checkpoint import state as S
     from internlm.config import load_config
     from internlm.inference import load_model
-    from internlm.model.internlm import InternLM, ModelArgs
+    from internlm.model.internlm import InternLM
 
     ckpt_root = tmp_path / "ckpt"
     run = harness.run(4, [f"data.micro_num={harness.GLOBAL_MICRO}", "data.total_steps=2",
@@ -135,7 +136,7 @@ def test_train_tp2_pp2_then_export_matches_load_model(tmp_path):
     print(f"tp2 x pp2 checkpoint -> HF: max |logit diff| = {diff:.3e}")
     assert diff < TOL
     # the checkpoint module's own (DCP resharding) load gives the same model
-    direct = InternLM(ModelArgs.from_config(load_config(ckpt_root / "2" / "config.yaml",
+    direct = InternLM(model_args(load_config(ckpt_root / "2" / "config.yaml",
                                                         ["data.train_folder=None", "data.valid_folder=None"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -118,7 +118,6 @@ def one_sequence_batch(vocab_size, seq_len=32, micro_bsz=2, micro_num=2):
 def test_hf_model_is_the_same_model(model_type):
     torch.manual_seed(0)
     args = tiny_args(model_type)
-    args.attn_backend = "sdpa"
     with torch.device("meta"):
         ours = InternLM(args)
     init_parameters(ours, torch.device("cpu"), seed=11)

@@ -7,7 +7,6 @@ import json
 import random
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from internlm.checkpoint import layout as L
 from internlm.checkpoint import state as S
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.manager import CheckpointManager
+from internlm.config import AdamConfig
 from internlm.optim.hybrid_zero import HybridZeroOptimizer
 from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 
@@ -144,15 +144,15 @@ class Part(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-ADAM = SimpleNamespace(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+ADAM = AdamConfig(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
 
 
 def build(seed=0, names=(("0",), ("1",)), clip=1.0):
     torch.manual_seed(seed)
     parts = [Part(n, last=i == len(names) - 1) for i, n in enumerate(names)]
     opt = HybridZeroOptimizer(parts, ADAM, clip, 1, torch.device("cpu"))
-    sched = WarmupCosineLR(opt.impl, total_steps=10, warmup_ratio=0.3, eta_min=1e-3)
-    beta2 = Beta2Scheduler(opt.impl, init_beta2=0.95, c=0.8)
+    sched = WarmupCosineLR(opt.torch_optimizer, total_steps=10, warmup_ratio=0.3, eta_min=1e-3)
+    beta2 = Beta2Scheduler(opt.torch_optimizer, init_beta2=0.95, c=0.8)
     return parts, opt, sched, beta2
 
 
@@ -219,7 +219,7 @@ def test_dcp_round_trip_continues_bitwise_and_reshards_across_parts(tmp_path, lo
     for a, b in zip([p for m in parts for p in m.parameters()], [p for m in parts2 for p in m.parameters()]):
         assert torch.equal(a, b)
     m = CheckpointManager.__new__(CheckpointManager)
-    m.t, m.rank = SimpleNamespace(lr_scheduler=sched2, beta2_scheduler=beta22, optimizer=opt2), 0
+    m.lr_scheduler, m.beta2_scheduler, m.optimizer, m.rank = sched2, beta22, opt2, 0
     m._load_schedulers({"lr_scheduler": sched.state_dict(), "beta2_scheduler": beta2.state_dict()})
     assert [g["lr"] for g in opt2.param_groups] == [opt.param_groups[0]["lr"]] * len(opt2.param_groups)
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
@@ -257,7 +257,7 @@ def test_rng_state_round_trip_loads_with_weights_only(tmp_path):
 def test_hf_ckpt_type_without_internlm_hf_is_a_checkpoint_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "internlm.hf", None)
     m = CheckpointManager.__new__(CheckpointManager)
-    m.t, m.rank = SimpleNamespace(model_parts=[]), 0
+    m.model_parts, m.rank = [], 0
     with pytest.raises(CheckpointError, match=r"ckpt_type='hf' needs internlm/hf.py"):
         m._load_hf("/some/hf/folder")
 

@@ -1,6 +1,7 @@
-"""Config loading, overrides, defaults and validation (internlm/config.py) and the shipped configs."""
+"""Config loading, overrides, defaults and validation (internlm/config/) and the shipped configs."""
 
 import copy
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -11,17 +12,20 @@ import pytest
 import torch
 
 from internlm.config import (
-    Config,
     ConfigError,
+    ModelConfig,
+    TrainConfig,
     config_from_dict,
     config_to_yaml_str,
-    derived_no_bias,
     dump_yaml,
     load_config,
-    resolved_zero1_size,
+    to_dict,
     torch_dtype,
     validate,
 )
+from internlm.config.docs import markdown
+from internlm.config.schema import PipelineConfig, ZeroConfig
+from internlm.parallel_dims import shard_group_size
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -60,12 +64,12 @@ def error_of(fn, *args, **kwargs) -> str:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_loads_and_round_trips_through_yaml(name, tmp_path):
     cfg = load_config(CONFIGS / name, NO_DATA)
-    assert isinstance(cfg, Config) and isinstance(cfg.model, Config)
+    assert isinstance(cfg, TrainConfig) and isinstance(cfg.model, ModelConfig)
     validate(cfg)
     dump_yaml(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert again == cfg
-    assert again.to_dict() == cfg.to_dict()
+    assert to_dict(again) == to_dict(cfg)
 
 
 @pytest.mark.parametrize("name,world_size", [("demo.py", 1), ("demo.py", 2), ("7B_sft.py", 16),
@@ -135,16 +139,16 @@ def test_override_tuple_list_and_dict():
     assert cfg.ckpt.load_ckpt_info == {"path": "/ckpt/10", "content": ["model", "optimizer"], "ckpt_type": "internlm"}
     assert cfg.model.rope_scaling == {"type": "dynamic", "factor": 2.0}
     cfg = load_config(CONFIGS / "8B_internlm3.py", ["model.rope_scaling.factor=8.0"])
-    assert cfg.model.rope_scaling.factor == 8.0
+    assert cfg.model.rope_scaling["factor"] == 8.0
 
 
 def test_override_nested_shorthand_and_free_dicts():
     cfg = demo("parallel.tensor=2")
-    assert cfg.parallel.tensor == {"size": 2, "mode": "mtp"}
+    assert to_dict(cfg.parallel.tensor) == {"size": 2, "mode": "mtp"}
     cfg = config_from_dict(tiny(parallel=dict(zero1=4, pipeline=2)), ["parallel.zero1.fsdp=True"])
-    assert cfg.parallel.zero1 == {"size": 4, "fsdp": True} and cfg.parallel.pipeline.size == 2
+    assert cfg.parallel.zero1 == ZeroConfig(size=4, fsdp=True) and cfg.parallel.pipeline.size == 2
     cfg = demo("monitor.alert.enable_feishu_alert=False", "MY_VARIABLE=[1, 2]")
-    assert cfg.monitor.alert == {"enable_feishu_alert": False} and cfg.MY_VARIABLE == [1, 2]
+    assert cfg.monitor.alert == {"enable_feishu_alert": False} and cfg.user_vars["MY_VARIABLE"] == [1, 2]
 
 
 def test_override_errors():
@@ -166,7 +170,7 @@ def test_unknown_top_level_key():
     msg = error_of(config_from_dict, tiny(zzz_qqq=1))
     assert "'zzz_qqq'" in msg and "UPPER_CASE" in msg
     cfg = config_from_dict(tiny(ANYTHING_GOES=object))  # user variables are not checked
-    assert cfg.ANYTHING_GOES is object
+    assert cfg.user_vars["ANYTHING_GOES"] is object
 
 
 def test_unknown_section_key_suggests_closest():
@@ -245,26 +249,19 @@ def test_defaults_are_filled():
     assert cfg.model.mlp_ratio == pytest.approx(8 / 3) and cfg.model.intermediate_size == 256
     assert cfg.lr_scheduler.total_steps == cfg.data.total_steps == 1000
     assert cfg.beta2_scheduler.init_beta2 == cfg.adam.adam_beta2 == 0.95
-    assert cfg.parallel.zero1 == {"size": -1, "fsdp": False}
-    assert cfg.parallel.pipeline == {"size": 1, "interleaved_overlap": True, "mode": "1f1b"}
+    assert cfg.parallel.zero1 == ZeroConfig(size=-1, fsdp=False)
+    assert cfg.parallel.pipeline == PipelineConfig(size=1, interleaved_overlap=True, mode="1f1b")
     assert cfg.hybrid_zero_optimizer.clip_grad_norm == 1.0 and cfg.grad_scaler.fp16.initial_scale == 2**16
     assert cfg.monitor.run_folder == "runs/internlm" and cfg.seed == 1024 and cfg.device == "auto"
     assert config_from_dict(tiny(model=dict(intermediate_size=100))).model.intermediate_size == 100
 
 
 def test_derived_bias_and_zero1_size():
-    assert derived_no_bias(config_from_dict(tiny(model_type="INTERNLM"))) is False
-    assert derived_no_bias(config_from_dict(tiny(model_type="LLAMA2"))) is True
+    assert config_from_dict(tiny(model_type="INTERNLM")).model.no_bias is False
+    assert config_from_dict(tiny(model_type="LLAMA2")).model.no_bias is True
     assert config_from_dict(tiny(model_type="INTERNLM", model=dict(no_bias=True))).model.no_bias is True
-    assert derived_no_bias({"model_type": "INTERNLM", "model": {"no_bias": None}}) is False
-    cfg = config_from_dict(tiny())
-    assert resolved_zero1_size(cfg, 8) == 8
-    cfg.parallel.zero1.size = 0
-    assert resolved_zero1_size(cfg, 8) == 8
-    cfg.parallel.zero1.size = 2
-    assert resolved_zero1_size(cfg, 8) == 2
-    cfg.parallel.zero1.size = 16
-    assert resolved_zero1_size(cfg, 8) == 8  # capped at the data-parallel size
+    assert config_from_dict(tiny(model_type="INTERNLM", model=dict(no_bias=None))).model.no_bias is False
+    assert [shard_group_size(z, 8) for z in (-1, 0, 2, 16)] == [8, 8, 2, 8]  # capped at the data-parallel size
 
 
 # ------------------------------------------------------------------------------------------ cross-key checks
@@ -329,8 +326,12 @@ def test_pipeline_checks():
 
 def test_validate_rechecks_a_hand_edited_config():
     cfg = config_from_dict(tiny())
-    cfg.model.num_kv_attention_heads = 3
-    assert "model.num_kv_attention_heads=3" in error_of(validate, cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.num_kv_attention_heads = 3
+    edited = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_kv_attention_heads=3))
+    assert "model.num_kv_attention_heads=3" in error_of(validate, edited)
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="int8"))
+    assert "'model.dtype'" in error_of(validate, bad)  # each key's own rule is checked again
 
 
 # ------------------------------------------------------------------------------------------- files and YAML
@@ -370,7 +371,8 @@ def test_python_config_namespace(tmp_path):
     """))
     cfg = load_config(path)
     assert cfg.model.hidden_size == 64 and cfg.data.seq_len == 48 and cfg.adam.lr == pytest.approx(1e-3)
-    assert not {"math", "helper", "Thing", "_private", "_p"} & set(cfg)
+    assert not {"math", "helper", "Thing", "_private", "_p"} & set(to_dict(cfg))
+    assert cfg.user_vars == {"SEQ_LEN": 48}
 
 
 def test_file_errors(tmp_path):
@@ -424,7 +426,7 @@ def test_internevo_style_config_is_accepted(tmp_path):
                        tensorboard=dict(queue_max_length=10))
     """))
     cfg = load_config(path)
-    assert cfg.ckpt.load_ckpt_info.ckpt_type == "internlm" and cfg.ckpt.load_ckpt_info.path == "llm_ckpts/40"
+    assert cfg.ckpt.load_ckpt_info["ckpt_type"] == "internlm" and cfg.ckpt.load_ckpt_info["path"] == "llm_ckpts/40"
     assert cfg.loss.op_type == "py_vocab_parallel" and cfg.monitor.run_folder == "runs/legacy"
 
 
@@ -436,7 +438,7 @@ def test_dump_yaml_is_plain_and_atomic(tmp_path):
     dump_yaml(cfg, out)
     assert out.read_text() == text and [p.name for p in out.parent.iterdir()] == ["config.yaml"]
     again = load_config(out)
-    assert again == cfg and again.MY_TUPLE == [1, 2]
+    assert again == cfg and again.user_vars["MY_TUPLE"] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------- small pieces
@@ -453,21 +455,52 @@ def test_torch_dtype_rejects_unknown():
     assert "torch.bfloat16" in error_of(torch_dtype, "int8")
 
 
-def test_config_object():
-    cfg = Config({"a": {"b": 1, "c": [{"d": 2}]}, "e": (1, 2)})
-    assert cfg.a.b == 1 and cfg["a"]["b"] == 1 and cfg.a.c[0].d == 2 and isinstance(cfg.a, Config)
-    cfg.f = {"g": 3}
-    assert isinstance(cfg.f, Config) and cfg.f.g == 3
+def test_config_is_typed_frozen_and_copyable():
+    cfg = config_from_dict(tiny(MY_VAR=3))
+    assert type(cfg.model.hidden_size) is int and type(cfg.adam.lr) is float and cfg.user_vars == {"MY_VAR": 3}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
     with pytest.raises(AttributeError):
-        _ = cfg.missing
-    plain = cfg.to_dict()
-    assert type(plain) is dict and type(plain["a"]) is dict and type(plain["a"]["c"][0]) is dict
-    clone = cfg.copy()
-    clone.a.b = 5
-    assert cfg.a.b == 1 and isinstance(clone, Config)
+        _ = cfg.model.missing
     for other in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
-        assert other == cfg and isinstance(other.a, Config)
-    assert hasattr(cfg, "a") and not hasattr(cfg, "zzz")
+        assert other == cfg and isinstance(other.model, ModelConfig)
+    changed = config_from_dict(cfg, ["model.num_layers=2"])  # a config as the base of another
+    assert changed.model.num_layers == 2 and cfg.model.num_layers == 4 and changed.user_vars == {"MY_VAR": 3}
+
+
+def test_inert_internevo_keys_give_one_notice_each():
+    cfg = config_from_dict(tiny(model=dict(mlp_layer_fusion=True, embed_split_hidden=True),
+                                monitor=dict(alert=dict(enable_feishu_alert=True))))
+    assert cfg.notices == ("model.embed_split_hidden has no effect here: the embedding is split by DTensor tensor "
+                           "parallelism over the vocabulary",
+                           "model.mlp_layer_fusion has no effect here: w1 and w3 stay separate matrices",
+                           "monitor.alert has no effect here: alerts are not sent")
+    assert config_from_dict(tiny()).notices == ()
+    # a dumped config reads back with the same notices, no more
+    again = config_from_dict(yaml_round_trip(cfg))
+    assert again.notices == cfg.notices and config_from_dict(yaml_round_trip(config_from_dict(tiny()))).notices == ()
+
+
+def yaml_round_trip(cfg) -> dict:
+    import yaml
+
+    return yaml.safe_load(config_to_yaml_str(cfg))
+
+
+def test_key_table_doc_is_generated_from_the_schema():
+    doc = (ROOT / "doc" / "config_keys.md").read_text()
+    assert doc == markdown(), "doc/config_keys.md is stale: python -m internlm.config.docs > doc/config_keys.md"
+    assert "| `model.hidden_size` | int | *required* |" in doc and "| `adam.lr` | float | `0.0001` |" in doc
+    assert "| `data.num_worker` | int | `0` | InternEvo's data loader workers (*no effect*:" in doc
+
+
+def test_train_py_prints_the_config_keys():
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config-keys"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(markdown().splitlines()) - len(markdown().split("|---|")[0].splitlines()) - 1
+    assert any(line.startswith("parallel.zero1.size") and "-1" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

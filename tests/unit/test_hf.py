@@ -18,6 +18,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from internlm import hf  # noqa: E402
+from internlm.builders import model_args  # noqa: E402
 from internlm.config import config_from_dict, dump_yaml, load_config  # noqa: E402
 from internlm.inference import _filter_top_p, generate, load_model  # noqa: E402
 from internlm.model.internlm import InternLM, ModelArgs  # noqa: E402
@@ -40,7 +41,7 @@ def tiny_config(model_type, seq_len=16, **model_kw):
 
 def random_model(cfg, seed=0):
     """Our model with random weights (norms and biases too, so a mapping mistake cannot hide)."""
-    args = ModelArgs.from_config(cfg)
+    args = model_args(cfg)
     torch.manual_seed(seed)
     model = InternLM(args)
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_imported_checkpoint_is_complete_for_the_checkpoint_module(tmp_path):
     ref, folder = random_llama(tmp_path, tie_word_embeddings=True)
     info = hf.import_hf_to_ckpt(folder, tmp_path / "ckpt", progress=False)
     assert L.check_checkpoint(tmp_path / "ckpt").step == 0
-    args = ModelArgs.from_config(load_config(tmp_path / "ckpt" / "config.yaml"))
+    args = model_args(load_config(tmp_path / "ckpt" / "config.yaml"))
     assert args.tie_word_embeddings and args.model_type == "LLAMA2" and info["tensors"] == args.num_layers * 9 + 3
     model = InternLM(args)
     with warnings.catch_warnings():

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from internlm.model import attention
 from internlm.model.attention import cu_seqlens, packed_attention, plan_attention, resolve_backend
-from internlm.model.internlm import InternLM, ModelArgs, init_full_tensor
-from internlm.model.ops import apply_rope, dynamic_ntk_base, rope_cos_sin, swiglu_hidden_dim
+from internlm.model.internlm import InternLM, Kernels, ModelArgs, init_full_tensor
+from internlm.model.ops import apply_rope, dynamic_ntk_base, rope_cos_sin
+from internlm.model.shape import swiglu_hidden_dim
 from internlm.parallelize import init_parameters
 
 
@@ -19,9 +20,9 @@ def tiny(**kw):
     return ModelArgs(**base)
 
 
-def build(args, seed=3):
+def build(args, kernels=None, seed=3):
     with torch.device("meta"):
-        model = InternLM(args)
+        model = InternLM(args, kernels)
     init_parameters(model, torch.device("cpu"), seed)
     return model
 
@@ -128,7 +129,7 @@ def test_batched_rows_each_start_a_sample():
 
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
 def test_packed_model_equals_separate_samples(backend):
-    model = build(tiny(attn_backend=backend))
+    model = build(tiny(), Kernels(attn_backend=backend))
     x = torch.randint(0, 97, (1, 21))
     pos = torch.cat([torch.arange(8), torch.arange(13)])[None]
     packed = model(x, position_ids=pos)

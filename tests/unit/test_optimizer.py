@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from internlm.config import Config
+from internlm.config import AdamConfig
+from internlm.config.schema import FP16ScalerConfig, GradScalerConfig
 from internlm.optim.hybrid_zero import HybridZeroOptimizer
 
-ADAM = Config(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+ADAM = AdamConfig(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
 
 
 class Net(nn.Module):
@@ -21,11 +22,11 @@ class Net(nn.Module):
         return self.lin(x) * self.norm_weight
 
 
-def make(clip=1.0, fp16=False, scaler=None):
+def make(clip=1.0, scaler=None):
+    """`scaler` (a GradScalerConfig) makes it an fp16 optimizer with dynamic loss scaling."""
     torch.manual_seed(0)
     net = Net()
-    opt = HybridZeroOptimizer([net], ADAM, clip, stage_world_size=1, device=torch.device("cpu"), fp16=fp16,
-                              scaler_cfg=scaler)
+    opt = HybridZeroOptimizer([net], ADAM, clip, stage_world_size=1, device=torch.device("cpu"), grad_scaler=scaler)
     return net, opt
 
 
@@ -70,7 +71,8 @@ def test_norms_and_biases_are_not_decayed():
 
 
 def test_fp16_overflow_skips_and_backs_off():
-    net, opt = make(fp16=True, scaler={"fp16": {"initial_scale": 1024.0}, "hysteresis": 1, "backoff_factor": 0.5})
+    net, opt = make(scaler=GradScalerConfig(fp16=FP16ScalerConfig(initial_scale=1024.0), hysteresis=1,
+                                            backoff_factor=0.5))
     before = [p.detach().clone() for p in net.parameters()]
     assert opt.loss_scale == 1024.0
     backward(net, scale=opt.loss_scale)

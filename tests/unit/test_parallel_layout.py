@@ -1,5 +1,5 @@
 """The parallel layout without launching processes: rank coordinates and process groups
-(internlm/parallel.py), pipeline stage placement and layer split (internlm/pipeline.py), and the
+(internlm/parallel_dims.py), pipeline stage placement and layer split (internlm/pipeline.py), and the
 layout errors train.py reports before any process group work starts (called in-process, and once
 through the real command line)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import train  # the entry point at the repository root, called in-process for the fast error checks
 from internlm import pipeline as PP
 from internlm.config import load_config
-from internlm.parallel import MESH_DIMS, ParallelDims
+from internlm.parallel_dims import MESH_DIMS, ParallelDims
 from tests.parallel.harness import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]

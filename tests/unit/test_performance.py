@@ -1,6 +1,7 @@
 """The speed switches of doc/train_performance.md: each must compute what the plain path computes,
 and each must really be in effect when selected (kernel report, allocator state, saved memory)."""
 import collections
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -10,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from internlm.config import Config
+from internlm.config import AdamConfig
 from internlm.loss import PackedLMLoss, chunked_cross_entropy, make_target
 from internlm.model import ops
 from internlm.model.attention import resolve_upcast
-from internlm.model.internlm import InternLM, ModelArgs
+from internlm.model.internlm import InternLM, Kernels, ModelArgs
 from internlm.optim.hybrid_zero import HybridZeroOptimizer, resolve_adamw_impl
 from internlm.parallelize import apply_activation_checkpointing, init_parameters
 from internlm.perf import resolve_cpu_matmul
@@ -67,8 +68,8 @@ def test_packed_loss_kernels_agree():
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
 def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
     args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32, attn_backend=backend)
-    model = InternLM(args)
+                     multiple_of=32)
+    model = InternLM(args, Kernels(attn_backend=backend))
     init_parameters(model, torch.device("cpu"), seed=5)
     tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(24), torch.arange(40)])[None]
@@ -84,7 +85,7 @@ def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
             return func(*args, **(kwargs or {}))
 
     for upcast in (False, True):
-        model.args.attn_upcast = upcast
+        model.kernels.attn_upcast = upcast
         spy = Spy()
         with spy, torch.autocast("cpu", dtype=torch.bfloat16):
             outputs[upcast] = model(tokens, positions).float()
@@ -139,13 +140,13 @@ def test_cpu_matmul_resolution():
 
 # ---- AdamW implementations ------------------------------------------------------------------------
 
-ADAM = Config(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+ADAM = AdamConfig(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
 
 
 def _train_adamw(impl, steps=3):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
-    cfg = Config(**dict(ADAM), impl=impl)
+    cfg = dataclasses.replace(ADAM, impl=impl)
     opt = HybridZeroOptimizer([net], cfg, 1.0, stage_world_size=1, device=torch.device("cpu"))
     for i in range(steps):
         x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
@@ -157,8 +158,8 @@ def _train_adamw(impl, steps=3):
 def test_fused_adamw_is_the_default_and_matches_foreach():
     fused_opt, fused = _train_adamw("auto")
     foreach_opt, foreach = _train_adamw("foreach")
-    assert fused_opt.adamw_impl == "fused" and fused_opt.part_optimizers[0].defaults["fused"]
-    assert foreach_opt.adamw_impl == "foreach" and foreach_opt.part_optimizers[0].defaults["foreach"]
+    assert fused_opt.adamw_kind == "fused" and fused_opt.part_optimizers[0].defaults["fused"]
+    assert foreach_opt.adamw_kind == "foreach" and foreach_opt.part_optimizers[0].defaults["foreach"]
     for a, b in zip(fused, foreach):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def shard_group_size(zero1_size: int, dp: int) -> int:
+    """`parallel.zero1.size` -> ranks that shard params/grads/optimizer state: -1 or 0 -> all of dp; a
+    size above dp is capped at dp."""
+    return dp if zero1_size <= 0 or zero1_size > dp else zero1_size
 
 
 @dataclass
@@ -25,7 +30,7 @@ class ParallelDims:
     dp_shard: int = 1
     tp: int = 1
     tp_mode: str = "mtp"  # "mtp" or "msp" (tensor + sequence parallel)
-    fsdp: bool = False  # zero1.fsdp: reshard parameters after forward (ZeRO-3)
+    reshard_after_forward: bool = False  # parallel.zero1.fsdp: parameters resharded after forward (ZeRO-3)
     num_chunks: int = 1
     pp_mode: str = "1f1b"
 
@@ -40,10 +45,9 @@ class ParallelDims:
         par = cfg.parallel
         tp, pp = par.tensor.size, par.pipeline.size
         dp = world_size // (tp * pp)
-        zero1 = par.zero1.size
-        zero1 = dp if zero1 in (-1, 0) or zero1 > dp else zero1
+        zero1 = shard_group_size(par.zero1.size, dp)
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
-                   tp_mode=par.tensor.mode, fsdp=bool(par.zero1.fsdp), num_chunks=cfg.model.num_chunks,
+                   tp_mode=par.tensor.mode, reshard_after_forward=par.zero1.fsdp, num_chunks=cfg.model.num_chunks,
                    pp_mode=par.pipeline.mode)
 
     @property
@@ -64,7 +68,8 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"world={self.world_size} pp={self.pp} dp={self.dp} (zero1={self.dp_shard}, "
-                f"replicas={self.dp_replicate}{', fsdp' if self.fsdp else ''}) tp={self.tp} ({self.tp_mode})"
+                f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}) "
+                f"tp={self.tp} ({self.tp_mode})"
                 + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else ""))
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
@@ -72,13 +77,3 @@ class ParallelDims:
                                 mesh_dim_names=MESH_DIMS)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
         return mesh
-
-
-def dp_rank_and_size(dims: ParallelDims, mesh: DeviceMesh | None) -> tuple[int, int]:
-    if mesh is None or dims.dp == 1:
-        return 0, 1
-    return mesh["dp"].get_local_rank(), dims.dp
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0

@@ -1,0 +1,244 @@
+"""Per-key value checks of the config schema: kinds, ranges, choices and the rules of single keys.
+
+Each check takes the dotted path (for the message) and the value, and returns the value normalised
+(`"bf16"` -> `"torch.bfloat16"`, `tensor=2` -> ...) or raises ConfigError worded for the user.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from internlm.errors import UserError
+from internlm.model.shape import MODEL_TYPES
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem, worded as a complete sentence for the user (no traceback needed)."""
+
+
+KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+              "dict": "a dict", "list": "a list", "any": "a value"}
+
+
+def show(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_kind(path: str, kind: str, value, optional: bool = False):
+    """`value` as `kind` ("int", "float", "bool", "str", "dict", "any"); None only when optional."""
+    if value is None:
+        if optional or kind == "any":
+            return None
+        raise ConfigError(f"config key '{path}' must not be None; it must be {KIND_WORDS[kind]}.")
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {show(value)}.")
+    elif kind == "float":
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {show(value)}.")
+        value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be True or False, got {show(value)}.")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {show(value)}.")
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a dict, got {show(value)}.")
+        value = dict(value)
+    return value
+
+
+def check_bounds(path: str, value, *, choices=(), ge=None, gt=None, le=None, lt=None):
+    if value is None:
+        return value
+    if choices:
+        by_lower = {c.lower(): c for c in choices}
+        if not isinstance(value, str) or value.lower() not in by_lower:
+            valid = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}.")
+        value = by_lower[value.lower()]
+    for bound, ok, word in ((ge, lambda v, b: v >= b, ">="), (gt, lambda v, b: v > b, ">"),
+                            (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"config key '{path}' must be {word} {bound}, got {value!r}.")
+    return value
+
+
+# ---- dtypes ---------------------------------------------------------------------------------------
+
+_DTYPE_ALIASES = {
+    "torch.bfloat16": "torch.bfloat16", "bfloat16": "torch.bfloat16", "bf16": "torch.bfloat16",
+    "torch.float16": "torch.float16", "float16": "torch.float16", "fp16": "torch.float16",
+    "torch.half": "torch.float16", "half": "torch.float16",
+    "torch.float32": "torch.float32", "float32": "torch.float32", "fp32": "torch.float32",
+    "torch.float": "torch.float32", "float": "torch.float32",
+}
+
+
+def canonical_dtype(name) -> str:
+    """'bf16', 'bfloat16', torch.bfloat16, ... -> 'torch.bfloat16' (the spelling kept in configs)."""
+    key = str(name).strip().lower()  # str(torch.bfloat16) == "torch.bfloat16"
+    if key not in _DTYPE_ALIASES:
+        valid = ", ".join(repr(k) for k in ("torch.bfloat16", "torch.float16", "torch.float32", "bf16", "fp16", "fp32"))
+        raise ConfigError(f"unknown dtype {name!r}; use one of {valid}.")
+    return _DTYPE_ALIASES[key]
+
+
+def torch_dtype(name):
+    """Map a dtype name from a config to a torch.dtype."""
+    import torch  # imported here so that reading a config stays fast
+
+    return getattr(torch, canonical_dtype(name).split(".", 1)[1])
+
+
+def dtype_name(path, value):
+    try:
+        return canonical_dtype(value)
+    except ConfigError as exc:
+        raise ConfigError(f"config key '{path}' has an {str(exc)[0].lower()}{str(exc)[1:]}") from None
+
+
+# ---- rules of single keys ------------------------------------------------------------------------
+
+def bool_or_fraction(path, value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise ConfigError(f"config key '{path}' must be True, False or a fraction of layers in [0, 1], got {value!r}.")
+
+
+def must_be_false(what):
+    def check(path, value):
+        if value:
+            raise ConfigError(f"config key '{path}'={value!r} is not supported: {what}.")
+        return value
+    return check
+
+
+def empty_string(path, value):
+    if value is None:
+        return ""
+    if str(value).strip():
+        raise ConfigError(f"config key '{path}'={value!r} is not supported: batch-size ramp-up is not "
+                          f"implemented; leave it as \"\".")
+    return ""
+
+
+def rope_scaling(path, value):
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{path}' must be None or dict(type=\"dynamic\", factor=...), "
+                          f"got {show(value)}.")
+    value = dict(value)
+    if "rope_type" in value and "type" not in value:  # Hugging Face spelling
+        value["type"] = value.pop("rope_type")
+    unknown = sorted(set(value) - {"type", "factor"})
+    if unknown:
+        raise ConfigError(f"config key '{path}' has unknown entry {unknown[0]!r}; it takes 'type' and 'factor'.")
+    if value.get("type") != "dynamic":
+        raise ConfigError(f"config key '{path}.type' must be 'dynamic' (dynamic NTK scaling), "
+                          f"got {value.get('type')!r}.")
+    factor = value.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
+        raise ConfigError(f"config key '{path}.factor' must be a number >= 1.0, got {factor!r}.")
+    return {"type": "dynamic", "factor": float(factor)}
+
+
+_OBJECT_STORE_PREFIXES = ("boto3:", "oss:", "s3:", "volc:")
+
+
+def local_path(path, value):
+    """Accept a plain path or InternEvo's 'local:' prefix (which is dropped); refuse object stores."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{path}' must be a path string or None, got {show(value)}.")
+    if value.lower().startswith(_OBJECT_STORE_PREFIXES):
+        raise ConfigError(f"config key '{path}'={value!r}: object-store checkpoints are not supported yet; "
+                          f"use a local path.")
+    if value.startswith("local:"):
+        value = value[len("local:"):]
+    return value
+
+
+CKPT_CONTENT = ("model", "optimizer", "scheduler", "sampler", "all")
+_CKPT_TYPES = {"internlm": "internlm", "internevo": "internlm", "hf": "hf"}
+
+
+def load_ckpt_info(path, value):
+    from internlm.config.load import closest, did_you_mean
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{path}' must be None or dict(path=..., content=(...), ckpt_type=...), "
+                          f"got {show(value)}.")
+    unknown = sorted(set(value) - {"path", "content", "ckpt_type"})
+    if unknown:
+        suggestion = closest(unknown[0], ["path", "content", "ckpt_type"])
+        raise ConfigError(f"unknown config key '{path}.{unknown[0]}'{did_you_mean(suggestion, path)}")
+    if not value.get("path"):
+        raise ConfigError(f"config key '{path}.path' must name the checkpoint to load.")
+    ckpt_path = local_path(f"{path}.path", value["path"])
+    content = value.get("content", ("model",))
+    if isinstance(content, str):
+        content = [content]
+    if not isinstance(content, (list, tuple)) or not content:
+        valid = ", ".join(map(repr, CKPT_CONTENT))
+        raise ConfigError(f"config key '{path}.content' must be a non-empty list of {valid}, got {content!r}.")
+    for item in content:
+        if item not in CKPT_CONTENT:
+            raise ConfigError(f"config key '{path}.content' has {item!r}; the valid entries are "
+                              f"{', '.join(map(repr, CKPT_CONTENT))}.")
+    ckpt_type = str(value.get("ckpt_type", "internlm"))
+    if ckpt_type.lower() not in _CKPT_TYPES:
+        raise ConfigError(f"config key '{path}.ckpt_type' must be 'internlm' (this framework's checkpoints) or "
+                          f"'hf' (a Hugging Face model folder), got {ckpt_type!r}.")
+    return {"path": ckpt_path, "content": list(content), "ckpt_type": _CKPT_TYPES[ckpt_type.lower()]}
+
+
+def tensor_mode(path, value):
+    value = value.lower()
+    if value == "fsp":
+        raise ConfigError(f"{path}='fsp' is not supported: use 'msp' (TP with sequence parallel), "
+                          f"which shards the same activations.")
+    if value == "isp":
+        raise ConfigError(f"{path}='isp' (InternEvo's intern sequence parallel) is not supported: use "
+                          f"parallel.zero1.fsdp=True with parallel.tensor.mode='msp' instead.")
+    if value not in ("mtp", "msp"):
+        raise ConfigError(f"config key '{path}' must be 'mtp' (tensor parallel) or 'msp' (tensor + sequence "
+                          f"parallel), got {value!r}.")
+    return value
+
+
+def weight_size(path, value):
+    if value != 1:
+        raise ConfigError(f"{path}={value}: weight parallel (wp) is not supported; use parallel.zero1 with fsdp=True.")
+    return value
+
+
+def zero1_size(path, value):
+    if value < -1:
+        raise ConfigError(f"config key '{path}' must be -1 or 0 (shard over all data-parallel ranks) or a "
+                          f"positive group size, got {value}.")
+    return value
+
+
+_MODEL_TYPE_ALIASES = {t.lower(): t for t in MODEL_TYPES} | {"internlm2": "INTERNLM2_PUBLIC"}
+
+
+def model_type(path, value: Any):
+    if isinstance(value, str) and value.lower() in _MODEL_TYPE_ALIASES:
+        return _MODEL_TYPE_ALIASES[value.lower()]
+    valid = ", ".join(repr(t) for t in MODEL_TYPES)
+    raise ConfigError(f"config key '{path}' must be one of {valid}, got {value!r}.")

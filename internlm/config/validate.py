@@ -1,0 +1,70 @@
+"""Checks across keys: what the config alone decides, and (with a world size) the parallel layout."""
+from __future__ import annotations
+
+import math
+import os
+
+from internlm.config.checks import ConfigError
+
+
+def validate(cfg, world_size: int | None = None) -> None:
+    """Raise ConfigError for anything wrong in `cfg`; with `world_size`, also check the parallel layout.
+    Each key's own rules are checked again first, so a config changed with dataclasses.replace is safe."""
+    from internlm.config.load import resolve, to_dict
+
+    full = resolve(to_dict(cfg, all_keys=True))
+    model, data, par = full.model, full.data, full.parallel
+
+    if model.head_dim % 2:
+        raise ConfigError(f"model.head_dim={model.head_dim} must be even for rotary position embeddings.")
+    heads, kv = model.num_attention_heads, model.num_kv_attention_heads
+    if heads % kv:
+        raise ConfigError(f"model.num_attention_heads={heads} is not divisible by model.num_kv_attention_heads={kv}.")
+    if full.model_type == "INTERNLM" and kv != heads:
+        raise ConfigError(f"model_type 'INTERNLM' has no grouped-query attention: model.num_kv_attention_heads={kv} "
+                          f"must equal model.num_attention_heads={heads}.")
+    if data.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={data.seq_len} is larger than model.max_position_embeddings="
+                          f"{model.max_position_embeddings}; raise model.max_position_embeddings or shorten the "
+                          f"sequences.")
+    for key in ("train_folder", "valid_folder"):
+        folder = getattr(data, key)
+        if folder is not None and not os.path.isdir(folder):
+            raise ConfigError(f"data.{key}={folder!r} is not an existing directory (looked in {os.getcwd()!r}); "
+                              f"fix the path, or set data.{key}=None"
+                              f"{' to train on dummy data' if key == 'train_folder' else ' to skip validation'}.")
+    if full.ckpt.enable_save_ckpt and not full.ckpt.save_ckpt_folder:
+        raise ConfigError("ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder to name a folder.")
+
+    tp, pp, chunks = par.tensor.size, par.pipeline.size, model.num_chunks
+    for name, value in (("model.num_attention_heads", heads), ("model.num_kv_attention_heads", kv)):
+        if value % tp:
+            raise ConfigError(f"{name}={value} is not divisible by parallel.tensor.size={tp}.")
+    if model.vocab_size % tp:
+        padded = math.ceil(model.vocab_size / tp) * tp
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor.size={tp}; pad "
+                          f"the vocabulary to a multiple of {tp} (e.g. model.vocab_size={padded}).")
+    if chunks > 1 and pp == 1:
+        raise ConfigError(f"model.num_chunks={chunks} needs pipeline parallelism (parallel.pipeline.size > 1); "
+                          f"set model.num_chunks=1.")
+    if pp > 1:
+        if model.num_layers % (pp * chunks):
+            raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline.size({pp}) "
+                              f"* model.num_chunks({chunks}).")
+        if par.pipeline.mode == "zbv" and chunks != 2:
+            raise ConfigError(f"parallel.pipeline.mode='zbv' runs two stages per rank: set model.num_chunks=2 "
+                              f"(got {chunks}).")
+
+    if world_size is None:
+        return
+    if world_size < 1 or world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor.size({tp}) * "
+                          f"parallel.pipeline.size({pp}).")
+    from internlm.parallel_dims import shard_group_size
+
+    dp = world_size // (tp * pp)
+    zero1 = par.zero1.size
+    if dp % shard_group_size(zero1, dp):
+        raise ConfigError(f"parallel.zero1.size={zero1} does not divide the data-parallel size {dp} (world size "
+                          f"{world_size} / (tensor {tp} * pipeline {pp})); use a divisor of {dp}, or -1 to shard "
+                          f"over all data-parallel ranks.")
