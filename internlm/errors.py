@@ -16,6 +16,13 @@ class UserError(Exception):
     """A mistake the user can fix, worded as a complete sentence (no traceback needed)."""
 
 
+class ConversionError(UserError, ValueError):
+    """A conversion that cannot be done, worded for the user (the tools exit with status 2).
+
+    Raised by the Hugging Face conversion (internlm.hf) and by the checkpoint reader
+    (internlm.checkpoint.reader); it lives here so that neither package imports the other for it."""
+
+
 _PHASE = ["start-up"]
 
 

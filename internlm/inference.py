@@ -22,18 +22,20 @@ from internlm.model.internlm import InternLM, Kernels
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> InternLM:
     """Our InternLM model (eval mode) from a training checkpoint folder (a `<step>` folder, or a
     checkpoint root whose newest step is taken) or from a Hugging Face model folder."""
-    from internlm import hf
+    from internlm.checkpoint.reader import load_ckpt_into_parts, read_ckpt_config, resolve_ckpt_dir
+    from internlm.hf.mapping import model_args_from_hf_config
+    from internlm.hf.weights import HFWeights, is_hf_dir, load_hf_into_parts
 
     device = torch.device(device)
     path = Path(path)
-    if hf.is_hf_dir(path):
-        args = hf.model_args_from_hf_config(hf.HFWeights(path).config)
-        fill = hf.load_hf_into_parts
+    if is_hf_dir(path):
+        args = model_args_from_hf_config(HFWeights(path).config)
+        fill = load_hf_into_parts
     else:
-        ckpt = hf.resolve_ckpt_dir(path)
-        args = builders.model_args(hf.read_ckpt_config(ckpt))
+        ckpt = resolve_ckpt_dir(path)
+        args = builders.model_args(read_ckpt_config(ckpt))
         path = ckpt
-        fill = hf.load_ckpt_into_parts
+        fill = load_ckpt_into_parts
     kernels = Kernels(attn_backend=resolve_backend("auto", device, dtype=dtype))
     with torch.device("meta"):
         model = InternLM(args, kernels)

@@ -24,6 +24,7 @@ from internlm.checkpoint import state as S
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml
+from internlm.errors import ConversionError
 from internlm.log import logger
 
 ALL_CONTENT = frozenset({"model", "optimizer", "scheduler", "sampler", "all"})
@@ -124,19 +125,19 @@ class CheckpointManager:
         return str(best.path) if best else None
 
     def _load_hf(self, path) -> None:
+        # imported at first use (internlm.checkpoint never imports internlm.hf when it is loaded), from
+        # the package itself, which is what the check below names
         try:
             from internlm.hf import load_hf_into_parts
         except ModuleNotFoundError as exc:
             if exc.name in ("internlm.hf",):
-                raise CheckpointError("ckpt_type='hf' needs internlm/hf.py (the Hugging Face mapping), which "
+                raise CheckpointError("ckpt_type='hf' needs internlm/hf/ (the Hugging Face mapping), which "
                                       "this installation does not have") from None
             raise
         try:
             load_hf_into_parts(self.model_parts, path)
-        except ValueError as exc:  # hf.ConversionError: a mismatch worded for the user
-            if type(exc).__name__ == "ConversionError":
-                raise CheckpointError(f"cannot load the Hugging Face checkpoint {path}: {exc}") from None
-            raise
+        except ConversionError as exc:  # a mismatch worded for the user
+            raise CheckpointError(f"cannot load the Hugging Face checkpoint {path}: {exc}") from None
         if self.rank == 0:
             logger.info(f"loaded Hugging Face weights from {path}")
 

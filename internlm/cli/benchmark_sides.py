@@ -74,8 +74,8 @@ def build_hf_model(args: ModelArgs, device: torch.device | str = "cpu", attn_imp
 
 
 def hf_param_name(name: str) -> str:
-    """Our parameter name -> the HF Llama name (the export's mapping, `internlm.hf.to_hf_name`)."""
-    from internlm.hf import to_hf_name
+    """Our parameter name -> the HF Llama name (the export's mapping, `internlm.hf.mapping.to_hf_name`)."""
+    from internlm.hf.mapping import to_hf_name
 
     return to_hf_name(name)
 

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from internlm.config import ConfigError, torch_dtype
-    from internlm.hf import ConversionError, export_ckpt_to_hf
+    from internlm.errors import ConversionError
+    from internlm.hf.export import export_ckpt_to_hf
 
     try:
         dtype = torch_dtype(args.dtype)

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from internlm.config import ConfigError, torch_dtype
-    from internlm.hf import ConversionError, import_hf_to_ckpt
+    from internlm.errors import ConversionError
+    from internlm.hf.importer import import_hf_to_ckpt
 
     try:
         info = import_hf_to_ckpt(args.src, args.tgt, config_out=args.config, dtype=torch_dtype(args.dtype),

@@ -15,15 +15,18 @@ from pathlib import Path
 def find_tokenizer(ckpt: str, given: str | None) -> str | None:
     if given:
         return given
-    from internlm import hf
+    from internlm.checkpoint.reader import read_ckpt_config, resolve_ckpt_dir
+    from internlm.errors import ConversionError
+    from internlm.hf.tokenizer_files import find_tokenizer as tokenizer_of_config
+    from internlm.hf.weights import is_hf_dir
 
     path = Path(ckpt)
     if (path / "tokenizer.model").is_file():
         return str(path / "tokenizer.model")
-    if not hf.is_hf_dir(path):
+    if not is_hf_dir(path):
         try:
-            return hf.find_tokenizer(hf.read_ckpt_config(hf.resolve_ckpt_dir(path)))
-        except hf.ConversionError:
+            return tokenizer_of_config(read_ckpt_config(resolve_ckpt_dir(path)))
+        except ConversionError:
             return None
     return None
 
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     from internlm.config import ConfigError, torch_dtype
-    from internlm.hf import ConversionError
+    from internlm.errors import ConversionError
     from internlm.inference import generate, load_model
 
     tok_path = find_tokenizer(args.ckpt, args.tokenizer)

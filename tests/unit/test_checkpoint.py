@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -254,11 +255,19 @@ def test_rng_state_round_trip_loads_with_weights_only(tmp_path):
     assert expected[2:] == got[2:]
 
 
+def test_checkpoint_package_does_not_import_internlm_hf():
+    code = ("import sys, internlm.checkpoint.manager, internlm.checkpoint.reader; "
+            "print(sorted(m for m in sys.modules if m.startswith('internlm.hf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+
+
 def test_hf_ckpt_type_without_internlm_hf_is_a_checkpoint_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "internlm.hf", None)
     m = CheckpointManager.__new__(CheckpointManager)
     m.model_parts, m.rank = [], 0
-    with pytest.raises(CheckpointError, match=r"ckpt_type='hf' needs internlm/hf.py"):
+    with pytest.raises(CheckpointError, match=r"ckpt_type='hf' needs internlm/hf/"):
         m._load_hf("/some/hf/folder")
 
 
