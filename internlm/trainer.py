@@ -10,9 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from internlm import builders
-from internlm import metrics as M
-from internlm import pipeline as PP
+from internlm import builders, metrics, pipeline
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml, torch_dtype, validate
 from internlm.errors import phase
@@ -59,11 +57,11 @@ class Trainer:
         self.kernels = kernel_report(cfg, self.device, self.dims, self.model_kernels, self.dtype,
                                      loss_kernel=self.loss_fn.kernel, adamw_kind=self.optimizer.adamw_kind)
         logger.info("kernels: " + ", ".join(f"{k}={v}" for k, v in self.kernels.items()))
-        self.writer = M.MetricsWriter(self.run_folder) if self.is_logging_rank else None
+        self.writer = metrics.MetricsWriter(self.run_folder) if self.is_logging_rank else None
         self.state = TrainState()
         # MFU against the peak of the GEMM the model runs (fp32 under model.cpu_matmul="fp32")
         gemm_dtype = torch.float32 if self.model_kernels.cpu_fp32_gemm else self.dtype
-        self.peak_flops = M.device_peak_tflops(self.device, gemm_dtype, cfg.monitor.peak_tflops) * 1e12
+        self.peak_flops = metrics.device_peak_tflops(self.device, gemm_dtype, cfg.monitor.peak_tflops) * 1e12
         from internlm.checkpoint import CheckpointManager
 
         d = self.dims
@@ -101,9 +99,9 @@ class Trainer:
             full = InternLM(args, self.model_kernels)
         if self.dims.pp > 1:
             num_stages = self.dims.pp * self.dims.num_chunks
-            self.stage_ids = PP.stage_ids_of_rank(self.coords["pp"], self.dims.pp, self.dims.num_chunks,
+            self.stage_ids = pipeline.stage_ids_of_rank(self.coords["pp"], self.dims.pp, self.dims.num_chunks,
                                                    self.dims.pp_mode)
-            self.model_parts = [PP.build_stage_module(full, sid, num_stages) for sid in self.stage_ids]
+            self.model_parts = [pipeline.build_stage_module(full, sid, num_stages) for sid in self.stage_ids]
         else:
             num_stages = 1
             self.stage_ids = [0]
@@ -130,7 +128,7 @@ class Trainer:
         self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.label_smoothing, self.device, kernel=cfg.loss.kernel)
         self.global_tokens_per_step = self.train_loader.tokens_per_step_global
         if self.dims.pp > 1:
-            self.schedule, self.stages = PP.build_schedule(
+            self.schedule, self.stages = pipeline.build_schedule(
                 self.model_parts, self.stage_ids, self.num_stages, self.device, self.mesh["pp"].get_group(),
                 cfg.data.micro_num, self.loss_fn, self.dims.pp_mode, self.dims.num_chunks)
 
@@ -208,7 +206,7 @@ class Trainer:
         return self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
 
     def _step_metrics(self, loss, type_loss, grad_norm, lr, step_time, stepped) -> dict:
-        speed = M.step_throughput(self.model_args, self.cfg.model, tokens=self.global_tokens_per_step,
+        speed = metrics.step_throughput(self.model_args, self.cfg.model, tokens=self.global_tokens_per_step,
                                   step_time_s=step_time, world_size=self.world_size, seq_len=self.cfg.data.seq_len,
                                   peak_flops=self.peak_flops)
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tgs=speed["tgs"], tflops=speed["tflops"],
@@ -217,7 +215,7 @@ class Trainer:
                     step_time=step_time, peak_memory_bytes=self._peak_memory(), stepped=stepped)
 
     def _peak_memory(self) -> int:
-        mem = torch.tensor([M.peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
+        mem = torch.tensor([metrics.peak_memory_bytes(self.device)], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         return int(mem.item())
@@ -257,7 +255,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.write(self.step, m)
                 if self.step % log_every == 0 or self.step == total or "valid_loss" in m:
-                    logger.info(M.format_log_line(self.step, m), extra=LOG_LINE)
+                    logger.info(metrics.format_log_line(self.step, m), extra=LOG_LINE)
             if self.checkpoints.after_step(self.step, total):  # saved; a stop file or signal asked to stop
                 break
         self.checkpoints.finish()

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from internlm.checkpoint import layout as L
-from internlm.checkpoint import state as S
+from internlm.checkpoint import layout
+from internlm.checkpoint import state as tensors
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml
@@ -74,13 +74,13 @@ class CheckpointManager:
         if self.rank == 0:
             token = f"{os.getpid()}-{secrets.token_hex(3)}"
             if self.folder is not None and self.folder.is_dir():
-                for path in L.stale_folders(self.folder):
+                for path in layout.stale_folders(self.folder):
                     logger.info(f"removing {path}: left by an interrupted save, never used")
-                    L.remove_checkpoint(path)
+                    layout.remove_checkpoint(path)
                 steps = []
-                for s in L.SNAPSHOT_SLOTS:
+                for s in layout.SNAPSHOT_SLOTS:
                     try:
-                        steps.append(L.check_checkpoint(self.folder / L.SNAPSHOT_DIR / s).step)
+                        steps.append(layout.check_checkpoint(self.folder / layout.SNAPSHOT_DIR / s).step)
                     except CheckpointError:
                         steps.append(-1)
                 slot = 0 if steps[0] <= steps[1] else 1  # overwrite the older (or unusable) slot first
@@ -94,7 +94,7 @@ class CheckpointManager:
         if ck.auto_resume and self.folder is not None:
             latest = self._broadcast(self._find_latest() if self.rank == 0 else None)
             if latest is not None:
-                self.load(L.check_checkpoint(latest), set(ALL_CONTENT))
+                self.load(layout.check_checkpoint(latest), set(ALL_CONTENT))
                 return
         info = ck.load_ckpt_info
         if not info:
@@ -102,7 +102,7 @@ class CheckpointManager:
         if info["ckpt_type"] == "hf":
             self._load_hf(info["path"])
             return
-        found = L.check_checkpoint(info["path"], allow_model_only=True)  # every rank: an error naming the path
+        found = layout.check_checkpoint(info["path"], allow_model_only=True)  # every rank: an error naming the path
         content = set(info["content"])
         if found.model_only and content != {"model"}:
             raise CheckpointError(f"checkpoint {found.path} holds model weights only (no train state): load it "
@@ -111,7 +111,7 @@ class CheckpointManager:
 
     def _find_latest(self) -> str | None:
         def check(p):
-            info = L.check_checkpoint(p)
+            info = layout.check_checkpoint(p)
             try:
                 dcp.FileSystemReader(str(p)).read_metadata()
             except Exception as exc:  # noqa: BLE001 - unreadable metadata means a corrupt checkpoint
@@ -119,7 +119,7 @@ class CheckpointManager:
                                       f"({type(exc).__name__})") from None
             return info
 
-        best, skipped = L.find_latest(self.folder, check)
+        best, skipped = layout.find_latest(self.folder, check)
         for p, why in skipped:
             logger.warning("auto_resume skips %s: %s", p, why)
         return str(best.path) if best else None
@@ -141,19 +141,19 @@ class CheckpointManager:
         if self.rank == 0:
             logger.info(f"loaded Hugging Face weights from {path}")
 
-    def load(self, info: L.CheckpointInfo, content) -> None:
+    def load(self, info: layout.CheckpointInfo, content) -> None:
         """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by
         `check_checkpoint`. It may come from any layout: DCP reshards model and optimizer state."""
         path, meta = info.path, info.meta
         everything = "all" in content
         t0 = time.perf_counter()
-        train = {} if info.model_only else L.read_json(path / L.STATE, "train state")
+        train = {} if info.model_only else layout.read_json(path / layout.STATE, "train state")
         loaded = []
         if everything or "model" in content:
-            S.load_model(self.model_parts, path)
+            tensors.load_model(self.model_parts, path)
             loaded.append("model")
         if everything or "optimizer" in content:
-            S.load_optimizer(self.model_parts, self.optimizer.part_optimizers, path)
+            tensors.load_optimizer(self.model_parts, self.optimizer.part_optimizers, path)
             self.optimizer.load_state_dict(train["optimizer"])
             loaded.append("optimizer")
         if everything or "scheduler" in content:
@@ -164,9 +164,9 @@ class CheckpointManager:
             self.train_state.load_state_dict(train)
             loaded.append("sampler")
         if everything:
-            rng = path / L.rng_file(self.rank)
+            rng = path / layout.rng_file(self.rank)
             if meta.get("world_size") == self.world_size and rng.is_file():
-                S.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), self.device)
+                tensors.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), self.device)
                 loaded.append("rng")
         if self.rank == 0:
             lay = meta.get("layout", {})
@@ -243,23 +243,23 @@ class CheckpointManager:
             return None
         self.wait()  # one save at a time: the previous async save completes (and is published) first
         if what == "snapshot":
-            final = self.folder / L.SNAPSHOT_DIR / str(self._next_slot)
+            final = self.folder / layout.SNAPSHOT_DIR / str(self._next_slot)
             self._next_slot = 1 - self._next_slot
         else:
             final = self.folder / str(step)
-            exists = self._broadcast((final / L.MARKER).is_file() if self.rank == 0 else None)
+            exists = self._broadcast((final / layout.MARKER).is_file() if self.rank == 0 else None)
             if exists:
                 if self.rank == 0:
                     logger.warning("checkpoint %s already exists and is complete; not overwriting it", final)
                 self.last_saved_step = step
                 return None
-        tmp = L.tmp_path(final, self.token)
+        tmp = layout.tmp_path(final, self.token)
         t0 = time.perf_counter()
-        (tmp / L.RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(S.rng_state(self.device), tmp / L.rng_file(self.rank))
+        (tmp / layout.RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(tensors.rng_state(self.device), tmp / layout.rng_file(self.rank))
         if self.rank == 0:
             self._write_small_files(tmp, step, what)
-        state = S.save_state_dict(self.model_parts, self.optimizer.part_optimizers)
+        state = tensors.save_state_dict(self.model_parts, self.optimizer.part_optimizers)
         self.last_saved_step = step
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
@@ -282,10 +282,10 @@ class CheckpointManager:
             "beta2_scheduler": self.beta2_scheduler.state_dict(),
             "sampler": self.train_loader.state_dict(),
         }
-        L.write_json(tmp / L.STATE, train)
-        dump_yaml(self.cfg, tmp / L.CONFIG)
-        L.write_json(tmp / L.META, {
-            "format": L.FORMAT, "format_version": L.FORMAT_VERSION, "kind": what, "step": step,
+        layout.write_json(tmp / layout.STATE, train)
+        dump_yaml(self.cfg, tmp / layout.CONFIG)
+        layout.write_json(tmp / layout.META, {
+            "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "kind": what, "step": step,
             "tokens_seen": ts.consumed_tokens, **self.run_meta, "world_size": self.world_size,
             "torch_version": torch.__version__, "python_version": sys.version.split()[0],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_name": self.cfg.JOB_NAME,
@@ -298,8 +298,8 @@ class CheckpointManager:
         hook = os.environ.get(SLOW_SAVE_ENV, "")
         if hook and int(hook.split(":")[0]) == step:
             time.sleep(float(hook.split(":")[1]))
-        L.commit(tmp, final, self.token, step)
-        pruned = L.prune(self.folder, self.keep_last, protect=final) if what == "checkpoint" else []
+        layout.commit(tmp, final, self.token, step)
+        pruned = layout.prune(self.folder, self.keep_last, protect=final) if what == "checkpoint" else []
         logger.info(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s"
              + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
 

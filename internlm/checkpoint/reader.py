@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from internlm.checkpoint import layout as L
+from internlm.checkpoint import layout
 from internlm.checkpoint.state import MODEL_PREFIX
 from internlm.errors import ConversionError
 from internlm.model.internlm import canonical_name
@@ -34,12 +34,12 @@ def quiet_dcp():
 
 
 def is_dcp_dir(path: Path) -> bool:
-    return (path / L.DCP_METADATA).is_file()
+    return (path / layout.DCP_METADATA).is_file()
 
 
 def _step_of_folder(path: Path) -> int:
     try:
-        return int(json.loads((path / L.META).read_text())["step"])
+        return int(json.loads((path / layout.META).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return int(path.name) if path.name.isdigit() else -1
 
@@ -51,25 +51,25 @@ def resolve_ckpt_dir(path) -> Path:
     if is_dcp_dir(path):
         return path
     if path.is_dir():
-        best, _ = L.find_latest(path)
+        best, _ = layout.find_latest(path)
         if best is not None:
             return best.path
         # model-only checkpoints (convert_hf2internlm, other tools) are fine to export: still only
         # folders whose save completed (COMPLETE marker)
-        done = [p for p in L.candidate_folders(path) if (p / L.MARKER).is_file() and is_dcp_dir(p)]
+        done = [p for p in layout.candidate_folders(path) if (p / layout.MARKER).is_file() and is_dcp_dir(p)]
         if done:
             return max(done, key=_step_of_folder)
-    raise ConversionError(f"{str(path)!r} is not a training checkpoint: no {L.DCP_METADATA} (DCP) file in it and "
-                          f"no complete checkpoint (step folder or snapshot with its {L.MARKER} marker) below it.")
+    raise ConversionError(f"{str(path)!r} is not a training checkpoint: no {layout.DCP_METADATA} (DCP) file in it and "
+                          f"no complete checkpoint (step folder or snapshot with its {layout.MARKER} marker) below it.")
 
 
 def read_ckpt_config(ckpt_dir):
     """The resolved config saved with a checkpoint (data folders need not exist anymore)."""
     from internlm.config import ConfigError, load_config
 
-    path = Path(ckpt_dir) / L.CONFIG
+    path = Path(ckpt_dir) / layout.CONFIG
     if not path.is_file():
-        raise ConversionError(f"checkpoint {str(ckpt_dir)!r} has no {L.CONFIG}.")
+        raise ConversionError(f"checkpoint {str(ckpt_dir)!r} has no {layout.CONFIG}.")
     try:
         return load_config(path, ["data.train_folder=None", "data.valid_folder=None"])
     except ConfigError as exc:

@@ -138,13 +138,12 @@ def _alternate(sides, warmup: int, steps: int, k: int, log) -> dict:
 
 def _figures(cfg, info: dict, recs: list[dict], peak_tflops: float, world_size: int) -> dict:
     """TGS, TFLOPS and MFU of the median step, by the trainer's own formulas (internlm.metrics)."""
-    from internlm import builders
-    from internlm import metrics as M
+    from internlm import builders, metrics
     from internlm.cli.benchmark_sides import cpu_stats, median_low_index, step_stats
 
     times = [r["step_time"] for r in recs]
     t = times[median_low_index(times)]
-    speed = M.step_throughput(builders.model_args(cfg), cfg.model, tokens=info["tokens_per_step"], step_time_s=t,
+    speed = metrics.step_throughput(builders.model_args(cfg), cfg.model, tokens=info["tokens_per_step"], step_time_s=t,
                               world_size=world_size, seq_len=cfg.data.seq_len, peak_flops=peak_tflops * 1e12)
     return dict(**speed, **step_stats(times), **cpu_stats(recs), step_times=times, loss_first=recs[0]["loss"],
                 loss_last=recs[-1]["loss"])
@@ -262,6 +261,9 @@ def benchmark(args, cfg, sides, log) -> dict:
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     from internlm.config import load_config
 

@@ -26,7 +26,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from internlm import metrics as M
+from internlm import metrics
 from internlm.model.internlm import InternLM, ModelArgs, init_full_tensor
 
 __all__ = ["hf_config", "build_hf_model", "hf_param_name", "copy_initial_weights_to_hf", "copy_weights_to_hf",
@@ -226,7 +226,7 @@ class OursSide:
         self.trainer = Trainer(cfg)
         self.device = self.trainer.device
         self.iterator = iter(self.trainer.train_loader)
-        self.last_peak_memory = M.peak_memory_bytes(self.device)
+        self.last_peak_memory = metrics.peak_memory_bytes(self.device)
 
     def describe(self) -> dict:
         t = self.trainer
@@ -237,7 +237,7 @@ class OursSide:
                     world_size=t.world_size, tokens_per_step=t.global_tokens_per_step,
                     compile=t.cfg.model.compile,
                     torch_version=torch.__version__, device_name=_device_name(self.device), kernels=dict(t.kernels),
-                    datasheet_peak_tflops=(M.known_peak_tflops(_device_name(self.device), t.dtype)
+                    datasheet_peak_tflops=(metrics.known_peak_tflops(_device_name(self.device), t.dtype)
                                            if self.device.type == "cuda" else None))
 
     def step(self) -> dict:
@@ -253,7 +253,7 @@ class OursSide:
         return [self.step() for _ in range(n)]
 
     def measure_peaks(self, seconds: float = 0.5) -> dict:
-        peaks = {str(dt).replace("torch.", ""): M.measure_peak_tflops(dt, self.device, seconds=seconds)
+        peaks = {str(dt).replace("torch.", ""): metrics.measure_peak_tflops(dt, self.device, seconds=seconds)
                  for dt in (torch.bfloat16, torch.float32)}
         if self.device.type == "cuda":  # the probe's buffers are no part of training memory
             torch.cuda.empty_cache()
@@ -355,14 +355,14 @@ class HFSide:
     def step(self) -> dict:
         batch = next(self.iterator)
         out = self.train_step(batch)
-        out.update(tgs=M.tgs(self.tokens_per_step, out["step_time"], 1), digest=batch_digest(batch))
+        out.update(tgs=metrics.tgs(self.tokens_per_step, out["step_time"], 1), digest=batch_digest(batch))
         return out
 
     def run(self, n: int) -> list[dict]:
         return [self.step() for _ in range(n)]
 
     def peak_memory(self) -> int:
-        return M.peak_memory_bytes(self.device)
+        return metrics.peak_memory_bytes(self.device)
 
     def close(self):
         pass

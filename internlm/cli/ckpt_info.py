@@ -13,12 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from internlm.checkpoint import layout as L
+from internlm.checkpoint import layout
 
 
 def _config(path: Path) -> dict:
     try:
-        cfg = yaml.safe_load((path / L.CONFIG).read_text())
+        cfg = yaml.safe_load((path / layout.CONFIG).read_text())
     except (OSError, yaml.YAMLError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
@@ -36,7 +36,7 @@ def config_summary(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in items if v is not None)
 
 
-def describe(info: L.CheckpointInfo) -> list[str]:
+def describe(info: layout.CheckpointInfo) -> list[str]:
     meta, cfg = info.meta, _config(info.path)
     if info.model_only:
         lines = [f"checkpoint: {info.path}  (model weights only, written by another tool; no train state)",
@@ -61,15 +61,18 @@ def describe(info: L.CheckpointInfo) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="a checkpoint folder (<step>/ or snapshot/<slot>) or a save folder")
     p.add_argument("--json", action="store_true", help="print meta.json (one checkpoint) as JSON")
     args = p.parse_args(argv)
     path = Path(args.dir)
     try:
-        info = L.check_checkpoint(path, allow_model_only=True)
-    except L.CheckpointError as exc:
-        candidates = L.candidate_folders(path) if not (path / L.META).is_file() else []
+        info = layout.check_checkpoint(path, allow_model_only=True)
+    except layout.CheckpointError as exc:
+        candidates = layout.candidate_folders(path) if not (path / layout.META).is_file() else []
         if not candidates:
             print(f"ckpt_info: {exc}", file=sys.stderr)
             return 2
@@ -82,12 +85,12 @@ def main(argv=None) -> int:
 
 
 def list_folder(folder: Path) -> int:
-    best, skipped = L.find_latest(folder)
+    best, skipped = layout.find_latest(folder)
     usable = []
-    for path in L.candidate_folders(folder):
+    for path in layout.candidate_folders(folder):
         try:
-            usable.append(L.check_checkpoint(path))
-        except L.CheckpointError:
+            usable.append(layout.check_checkpoint(path))
+        except layout.CheckpointError:
             pass
     print(f"save folder: {folder}")
     for info in sorted(usable, key=lambda i: (i.step, not i.is_snapshot)):
@@ -96,7 +99,7 @@ def list_folder(folder: Path) -> int:
         print(f"  {name:<12} step {info.step:<8} tokens {info.meta.get('tokens_seen')}{mark}")
     for path, why in skipped:
         print(f"  {str(path.relative_to(folder)):<12} unusable: {why}")
-    for path in L.stale_folders(folder):
+    for path in layout.stale_folders(folder):
         print(f"  {str(path.relative_to(folder)):<12} leftover of an interrupted save (removed at the next start)")
     if best is None:
         print(f"ckpt_info: no usable checkpoint in {folder}", file=sys.stderr)

@@ -16,6 +16,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="checkpoint step folder or checkpoint root")
     parser.add_argument("--tgt", required=True, help="output folder")

@@ -15,6 +15,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="Hugging Face model folder")
     parser.add_argument("--tgt", required=True, help="checkpoint folder to write")

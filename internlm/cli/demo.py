@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the source checkout (configs/) of 
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="demo_data")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))

@@ -32,6 +32,9 @@ def find_tokenizer(ckpt: str, given: str | None) -> str | None:
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (or root) or Hugging Face folder")
     parser.add_argument("--prompt", required=True)

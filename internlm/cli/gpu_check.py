@@ -139,7 +139,7 @@ def _tail(text: str, lines: int = 15) -> str:
 def stage_env(run: Run, device) -> dict:
     import torch
 
-    from internlm import metrics as M
+    from internlm import metrics
     from internlm.model.attention import flash_available, varlen_available
 
     info = dict(torch=torch.__version__, cuda=torch.version.cuda, device=str(device),
@@ -154,10 +154,10 @@ def stage_env(run: Run, device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
                     sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
-                    datasheet_bf16_tflops=M.known_peak_tflops(props.name, torch.bfloat16))
+                    datasheet_bf16_tflops=metrics.known_peak_tflops(props.name, torch.bfloat16))
     seconds = 1.0 if device.type == "cuda" else 0.1
-    info["gemm_tflops_bf16"] = M.measure_peak_tflops(torch.bfloat16, device, seconds=seconds)
-    info["gemm_tflops_fp32"] = M.measure_peak_tflops(torch.float32, device, seconds=seconds)
+    info["gemm_tflops_bf16"] = metrics.measure_peak_tflops(torch.bfloat16, device, seconds=seconds)
+    info["gemm_tflops_fp32"] = metrics.measure_peak_tflops(torch.float32, device, seconds=seconds)
     run.log(f"[env] {json.dumps(info)}")
     return info
 
@@ -476,6 +476,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     import torch
 

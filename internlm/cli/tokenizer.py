@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from internlm.data.demo import encode_texts, iter_texts
+from internlm.data.text import encode_texts, iter_texts
 from internlm.data.tokenized import DataFormatError, write_bin
 
 
@@ -44,6 +44,9 @@ def tokenize_file(
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text_input_path", required=True, help=".txt, .json or .jsonl")
     parser.add_argument("--bin_output_path", required=True, help="X.bin (X.bin.meta is written next to it)")

@@ -28,6 +28,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     if args.config_keys:
         from internlm.config.docs import plain

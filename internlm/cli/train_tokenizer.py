@@ -13,11 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from internlm.data.demo import train_sentencepiece
+from internlm.data.text import train_sentencepiece
 from internlm.data.tokenized import DataFormatError
 
 
 def main(argv=None) -> int:
+    from internlm.log import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help=".txt, .json or .jsonl files")
     parser.add_argument("--model_prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import yaml
 
-from internlm.config import checks as C
+from internlm.config import checks
 from internlm.config.checks import ConfigError
 from internlm.config.schema import DERIVED, REQUIRED, KeyInfo, TrainConfig, is_section, keys_of, shorthand_of
 from internlm.model.shape import default_head_dim, has_bias, swiglu_hidden_dim
@@ -67,10 +67,10 @@ def unknown_key(prefix: str, name, section_cls, context: str = "") -> ConfigErro
 # ---- checking and building -----------------------------------------------------------------------
 
 def check_value(path: str, info: KeyInfo, value):
-    value = C.check_kind(path, info.kind, value, optional=info.optional)
+    value = checks.check_kind(path, info.kind, value, optional=info.optional)
     if value is None:
         return None if info.check is None else info.check(path, None)
-    value = C.check_bounds(path, value, choices=info.choices, ge=info.ge, gt=info.gt, le=info.le, lt=info.lt)
+    value = checks.check_bounds(path, value, choices=info.choices, ge=info.ge, gt=info.gt, le=info.le, lt=info.lt)
     if info.check is not None:
         value = info.check(path, value)
     return value
@@ -89,7 +89,7 @@ def resolve_section(prefix: str, section_cls, raw, notices: list) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{prefix}' must be a dict, got {C.show(raw)}.")
+        raise ConfigError(f"config key '{prefix}' must be a dict, got {checks.show(raw)}.")
     keys = keys_of(section_cls)
     for name in raw:
         if name not in keys:
@@ -164,7 +164,7 @@ def _build(cls, values: dict):
 def resolve(raw: dict) -> TrainConfig:
     """Raw top-level names -> a TrainConfig with defaults, derived and normalised values."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of names to values, got {C.show(raw)}.")
+        raise ConfigError(f"a config must be a mapping of names to values, got {checks.show(raw)}.")
     top = keys_of(TrainConfig)
     user_vars = {}
     for name, value in raw.items():
@@ -175,7 +175,7 @@ def resolve(raw: dict) -> TrainConfig:
         elif name not in top:
             raise unknown_key("", name, TrainConfig)
     if "SEQ_LEN" in user_vars:
-        C.check_kind("SEQ_LEN", "int", user_vars["SEQ_LEN"])
+        checks.check_kind("SEQ_LEN", "int", user_vars["SEQ_LEN"])
     notices: list[str] = []
     values = resolve_section("", TrainConfig, {k: v for k, v in raw.items() if k not in user_vars}, notices)
     fill_derived(values, user_vars)
@@ -238,7 +238,7 @@ def apply_override(raw: dict, override: str) -> None:
         if child is None:
             child = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: config key '{path}' holds {C.show(child)}, not a dict.")
+            raise ConfigError(f"override {override!r}: config key '{path}' holds {checks.show(child)}, not a dict.")
         child = dict(child)
         node[name] = child
         node = child
@@ -273,7 +273,7 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of names to values, got {C.show(data)}.")
+        raise ConfigError(f"config file {path} must hold a mapping of names to values, got {checks.show(data)}.")
     return data
 
 

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from internlm.config import checks as C
+from internlm.config import checks
 
 
 class _Marker:
@@ -68,19 +68,19 @@ class ModelConfig:
                                           "multiple_of", ge=1)
     no_bias: bool = key(DERIVED, "no q/k/v/output biases; default: True except for model_type INTERNLM")
     dtype: str = key("torch.bfloat16", "compute dtype: torch.bfloat16, torch.float16 or torch.float32 "
-                                       "(master weights stay fp32)", check=C.dtype_name)
+                                       "(master weights stay fp32)", check=checks.dtype_name)
     norm_type: str = key("rmsnorm", "normalisation (only rmsnorm)", choices=("rmsnorm",))
     layer_norm_epsilon: float = key(1e-5, "RMSNorm epsilon", gt=0)
     use_flash_attn: bool = key(True, "use flash-attn's varlen kernel on CUDA when it is importable")
     num_chunks: int = key(1, "pipeline stages per rank (interleaved schedules)", ge=1)
     rope_base: float = key(10000.0, "rotary embedding base (theta)", gt=0)
     rope_scaling: dict | None = key(None, "None or dict(type='dynamic', factor=F): dynamic NTK scaling",
-                                    check=C.rope_scaling)
+                                    check=checks.rope_scaling)
     max_position_embeddings: int = key(DERIVED, "trained context length; default max(2048, data.seq_len)", ge=1)
     tie_word_embeddings: bool = key(False, "share the embedding and output matrices")
     init_std: float = key(0.02, "standard deviation of the initial weights", gt=0)
     checkpoint: bool | float = key(False, "activation checkpointing: True/False or the fraction of layers",
-                                   check=C.bool_or_fraction)
+                                   check=checks.bool_or_fraction)
     checkpoint_policy: str = key("full", "activation checkpointing: recompute whole blocks (full) or all but "
                                          "matmuls and attention (selective)", choices=("full", "selective"))
     compile: bool = key(False, "torch.compile each transformer block")
@@ -91,7 +91,7 @@ class ModelConfig:
     cpu_matmul: str = key("native", "bf16 matmuls on CPU: native, or fp32 GEMMs on bf16-rounded operands",
                           choices=("native", "fp32"))
     apply_post_layer_norm: bool = key(False, "post-norm blocks (not supported: must stay False)",
-                                      check=C.must_be_false("only pre-norm transformers are implemented"))
+                                      check=checks.must_be_false("only pre-norm transformers are implemented"))
     embed_split_hidden: bool = key(True, "InternEvo's embedding split", inert="the embedding is split by DTensor "
                                          "tensor parallelism over the vocabulary")
     embed_grad_scale: float = key(1.0, "InternEvo's embedding gradient scale", gt=0,
@@ -121,7 +121,7 @@ class DataConfig:
     tokenizer_path: str | None = key(None, "sentencepiece model, recorded for export and generation")
     dummy_num_samples: int = key(10000, "samples of the generated dummy data", ge=1)
     shuffle: bool = key(True, "shuffle the sample order each epoch")
-    rampup_batch_size: str = key("", "batch-size ramp-up (not supported: must stay empty)", check=C.empty_string)
+    rampup_batch_size: str = key("", "batch-size ramp-up (not supported: must stay empty)", check=checks.empty_string)
     skip_batches: str | None = key("", "InternEvo's batches to skip", inert="no batches are skipped")
     empty_cache_and_diag_interval: int | None = key(None, "InternEvo's diagnosis interval",
                                                     inert="no periodic cache emptying or diagnosis")
@@ -202,7 +202,7 @@ class Beta2SchedulerConfig:
 class ZeroConfig:
     SHORTHAND: ClassVar[str] = "size"
     size: int = key(-1, "ranks that shard parameters, gradients and optimizer state (-1/0: all of dp)",
-                    check=C.zero1_size)
+                    check=checks.zero1_size)
     fsdp: bool = key(False, "also reshard parameters after forward (ZeRO-3)")
 
 
@@ -210,7 +210,7 @@ class ZeroConfig:
 class TensorConfig:
     SHORTHAND: ClassVar[str] = "size"
     size: int = key(1, "tensor-parallel degree", ge=1)
-    mode: str = key("mtp", "mtp (tensor parallel) or msp (tensor + sequence parallel)", check=C.tensor_mode)
+    mode: str = key("mtp", "mtp (tensor parallel) or msp (tensor + sequence parallel)", check=checks.tensor_mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,7 +226,7 @@ class PipelineConfig:
 @dataclass(frozen=True, kw_only=True)
 class WeightConfig:
     SHORTHAND: ClassVar[str] = "size"
-    size: int = key(1, "weight-parallel degree (not supported: must stay 1)", check=C.weight_size)
+    size: int = key(1, "weight-parallel degree (not supported: must stay 1)", check=checks.weight_size)
     overlap: bool = key(True, "InternEvo's weight-parallel overlap", inert="weight parallelism is not implemented")
     memory_pool: bool = key(True, "InternEvo's weight-parallel memory pool",
                             inert="weight parallelism is not implemented")
@@ -253,11 +253,11 @@ class ParallelConfig:
 class CkptConfig:
     enable_save_ckpt: bool = key(False, "save checkpoints")
     save_ckpt_folder: str | None = key(None, "folder of the checkpoints (local path; 'local:' prefix accepted)",
-                                       check=C.local_path)
+                                       check=checks.local_path)
     checkpoint_every: int = key(50, "save every N steps (and at the end)", ge=1)
     auto_resume: bool = key(True, "resume from the newest complete checkpoint in save_ckpt_folder")
     load_ckpt_info: dict | None = key(None, "dict(path=..., content=('model',...), ckpt_type='internlm'|'hf'): "
-                                            "what to load when not resuming", check=C.load_ckpt_info)
+                                            "what to load when not resuming", check=checks.load_ckpt_info)
     oss_snapshot_freq: int = key(0, "write a snapshot (two alternating slots) every N steps (0: never)", ge=0)
     async_upload: bool = key(False, "save asynchronously (DCP async_save) while training continues")
     stop_file_path: str | None = key(None, "a file whose existence stops the run after a checkpoint")
@@ -283,7 +283,8 @@ class MonitorConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     JOB_NAME: str = key("internlm", "name of the run (default run folder runs/<JOB_NAME>)")
-    model_type: str = key("INTERNLM2_PUBLIC", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3 or LLAMA2", check=C.model_type)
+    model_type: str = key("INTERNLM2_PUBLIC", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3 or LLAMA2",
+                          check=checks.model_type)
     model: ModelConfig = section(ModelConfig, "the transformer's shape and its kernels")
     data: DataConfig = section(DataConfig, "packed data and batch")
     grad_scaler: GradScalerConfig = section(GradScalerConfig, "fp16 loss scaling")

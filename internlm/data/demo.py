@@ -9,8 +9,7 @@ of real, varied text on every machine with Python, enough to watch a small model
                                     out_dir/{train,valid}/{en,code}/stdlib.bin    + .bin.meta
                                     out_dir/DONE                                  written last
 
-Also here, because both tools/ scripts and the demo need them: `iter_texts` (samples of a .txt,
-.json or .jsonl file), `train_sentencepiece` and `encode_texts`.
+The text helpers it uses (`iter_texts`, `train_sentencepiece`, `encode_texts`) are in text.py.
 """
 
 from __future__ import annotations
@@ -26,207 +25,12 @@ import sysconfig
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
-from internlm.data.tokenized import DataFormatError, write_bin
+from internlm.data.text import train_sentencepiece
+from internlm.data.tokenized import write_bin
+from internlm.log import logger, setup_logging
 
-__all__ = [
-    "iter_texts",
-    "train_sentencepiece",
-    "encode_texts",
-    "stdlib_corpus",
-    "prepare_demo_data",
-    "SPM_TRAINER_OPTIONS",
-]
-
-# ----------------------------------------------------------------------------------------------------
-# Text files -> samples
-
-
-def iter_texts(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-    """Yield the samples of a text file, in file order.
-
-    .txt: each line is a sample (InternEvo's convention), without its line ending.
-    .jsonl: one JSON value per line, an object with the text under `text_key` or a bare string.
-    .json: a list of such objects or strings.
-    Blank samples (empty or whitespace only) are skipped.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError as e:
-                    raise DataFormatError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-                text = _text_of(value, text_key, f"{path}: line {lineno}")
-                if text.strip():
-                    yield text
-    elif suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                values = json.load(f)
-            except ValueError as e:
-                raise DataFormatError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(values, list):
-            raise DataFormatError(f"{path}: expected a JSON list of objects or strings, got {type(values).__name__}")
-        for i, value in enumerate(values):
-            text = _text_of(value, text_key, f"{path}: item {i}")
-            if text.strip():
-                yield text
-    else:  # .txt and anything else: plain text, one sample per line
-        with open(path, encoding="utf-8", newline="") as f:
-            for line in f:
-                text = line.rstrip("\n").rstrip("\r")
-                if text.strip():
-                    yield text
-
-
-def _text_of(value, text_key: str, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        if text_key not in value:
-            raise DataFormatError(f"{where} has no {text_key!r} key (keys: {sorted(value)[:8]})")
-        text = value[text_key]
-        if isinstance(text, str):
-            return text
-        raise DataFormatError(f"{where}: {text_key!r} is a {type(text).__name__}, not a string")
-    raise DataFormatError(f"{where} is a {type(value).__name__}, expected an object or a string")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer training
-
-# Why these: code keeps its indentation and line breaks only without normalization and whitespace
-# collapsing; without a dummy prefix, transformers' LlamaTokenizer(add_prefix_space=False) (which is
-# what AutoTokenizer builds from this model's own settings) reproduces sentencepiece's ids exactly,
-# texts starting with spaces included; byte fallback means no <unk>: any byte sequence round-trips.
-SPM_TRAINER_OPTIONS = dict(
-    model_type="bpe",
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=False,
-    byte_fallback=True,
-    split_digits=True,
-    allow_whitespace_only_pieces=True,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-)
-
-
-def train_sentencepiece(
-    inputs: Sequence[str | os.PathLike],
-    model_prefix: str | os.PathLike,
-    vocab_size: int = 8000,
-    input_sentence_size: int = 0,
-    max_sentence_length: int = 16384,
-    text_key: str = "text",
-    num_threads: int | None = None,
-    seed: int = 0,
-) -> Path:
-    """Train a sentencepiece BPE model on the samples of `inputs`; returns the path of the .model.
-
-    Samples are read with `iter_texts`, so a .jsonl/.json sample that spans lines (a docstring, a
-    chunk of code) is one training sentence and newlines get vocabulary pieces of their own.
-    `input_sentence_size` > 0 trains on a random subset of that many samples (seeded, deterministic);
-    samples longer than `max_sentence_length` bytes are left out of training (not of encoding).
-    """
-    import sentencepiece as spm
-
-    paths = [Path(p) for p in inputs]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer training input not found: {p}")
-    model_prefix = Path(model_prefix)
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
-
-    def sentences():
-        for p in paths:
-            yield from iter_texts(p, text_key)
-
-    spm.set_random_generator_seed(seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
-            model_prefix=str(model_prefix),
-            vocab_size=vocab_size,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=input_sentence_size > 0,
-            max_sentence_length=max_sentence_length,
-            num_threads=num_threads or min(os.cpu_count() or 1, 16),
-            minloglevel=2,
-            **SPM_TRAINER_OPTIONS,
-        )
-    except RuntimeError as e:  # e.g. a vocabulary smaller than the alphabet + byte pieces
-        raise ValueError(f"sentencepiece training failed for {model_prefix}: {e}") from None
-    return Path(str(model_prefix) + ".model")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Encoding (module-level so multiprocessing workers can import it under any start method)
-
-_worker_sp = None
-_worker_flags = (True, True)
-
-
-def _init_worker(tokenizer_path: str, add_bos: bool, add_eos: bool) -> None:
-    global _worker_sp, _worker_flags
-    import sentencepiece as spm
-
-    _worker_sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    _worker_flags = (add_bos, add_eos)
-
-
-def _encode_batch(texts: list[str]) -> list[list[int]]:
-    return _encode_with(_worker_sp, texts, *_worker_flags)
-
-
-def _encode_with(sp, texts: list[str], add_bos: bool, add_eos: bool) -> list[list[int]]:
-    head = [sp.bos_id()] if add_bos else []
-    tail = [sp.eos_id()] if add_eos else []
-    return [head + ids + tail for ids in sp.encode(texts, num_threads=1)]
-
-
-def encode_texts(
-    texts: Iterable[str],
-    tokenizer_path: str | os.PathLike,
-    workers: int = 1,
-    add_bos: bool = True,
-    add_eos: bool = True,
-    batch_size: int = 256,
-) -> Iterator[list[int]]:
-    """Yield [bos] + sp.encode(text) + [eos] for each text, in input order, with `workers` processes."""
-
-    def batches():
-        batch = []
-        for text in texts:
-            batch.append(text)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    if workers <= 1:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-        for batch in batches():
-            yield from _encode_with(sp, batch, add_bos, add_eos)
-        return
-
-    import multiprocessing
-
-    with multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path), add_bos, add_eos)) as pool:
-        for encoded in pool.imap(_encode_batch, batches()):
-            yield from encoded
-
+__all__ = ["stdlib_corpus", "prepare_demo_data"]
 
 # ----------------------------------------------------------------------------------------------------
 # The standard-library corpus
@@ -361,7 +165,7 @@ def _file_lock(path: Path):
 
 def _log(verbose: bool, msg: str) -> None:
     if verbose:
-        print(f"[demo data] {msg}", flush=True)
+        logger.info(f"demo data: {msg}")
 
 
 def prepare_demo_data(
@@ -463,4 +267,5 @@ def _is_done(done: Path, params: dict, result: dict) -> bool:
 
 
 if __name__ == "__main__":
-    print(prepare_demo_data(sys.argv[1] if len(sys.argv) > 1 else "demo_data"))
+    setup_logging()
+    logger.info(str(prepare_demo_data(sys.argv[1] if len(sys.argv) > 1 else "demo_data")))

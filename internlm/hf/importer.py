@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from internlm.checkpoint import layout as L
+from internlm.checkpoint import layout
 from internlm.checkpoint.reader import quiet_dcp
 from internlm.checkpoint.state import MODEL_PREFIX
 from internlm.errors import ConversionError
@@ -50,7 +50,7 @@ def import_hf_to_ckpt(hf_dir, ckpt_dir, config_out=None, dtype: torch.dtype = to
     for name in names:
         tensors[name] = tensors[name].to(dtype)
     ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / L.MARKER).exists():
+    if (ckpt_dir / layout.MARKER).exists():
         raise ConversionError(f"{str(ckpt_dir)!r} already holds a complete checkpoint; choose another folder.")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     with quiet_dcp():
@@ -59,14 +59,14 @@ def import_hf_to_ckpt(hf_dir, ckpt_dir, config_out=None, dtype: torch.dtype = to
     if model_dtype not in ("torch.bfloat16", "torch.float16", "torch.float32"):
         model_dtype = "torch.bfloat16"
     cfg = config_from_dict(training_config_from_args(args, model_dtype, job_name=ckpt_dir.name or "from_hf"))
-    dump_yaml(cfg, ckpt_dir / L.CONFIG)
-    L.write_json(ckpt_dir / L.STATE, {"step": 0, "note": "imported from Hugging Face: model weights only"})
-    L.write_json(ckpt_dir / L.META, {
-        "format": L.FORMAT, "format_version": L.FORMAT_VERSION, "kind": "import", "step": 0, "tokens_seen": 0,
+    dump_yaml(cfg, ckpt_dir / layout.CONFIG)
+    layout.write_json(ckpt_dir / layout.STATE, {"step": 0, "note": "imported from Hugging Face: model weights only"})
+    layout.write_json(ckpt_dir / layout.META, {
+        "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "kind": "import", "step": 0, "tokens_seen": 0,
         "model_type": args.model_type, "dtype": str(dtype), "num_params": args.num_params(),
         "source": "huggingface", "hf_dir": str(Path(hf_dir).resolve()), "hf_model_type": hf_cfg.get("model_type"),
         "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    L.write_json(ckpt_dir / L.MARKER, {"step": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    layout.write_json(ckpt_dir / layout.MARKER, {"step": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if config_out:
         train_cfg = config_from_dict(training_config_from_args(args, model_dtype, job_name="finetune",
                                                                load_path=str(ckpt_dir)))

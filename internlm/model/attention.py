@@ -113,11 +113,6 @@ def resolve_upcast(requested: str, device: torch.device) -> bool:
     return requested == "float32" or (requested == "auto" and device.type == "cpu")
 
 
-def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] ids that increase at every sample start (position 0)."""
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
-
-
 def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cumulative sample lengths over the flattened [B*T] tokens and the longest sample.
     Every row of a [B, T] batch starts a sample, whatever its first position."""
