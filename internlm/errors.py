@@ -87,7 +87,9 @@ def _is_collective_failure(exc: BaseException) -> bool:
 def run_guarded(fn) -> int:
     """Run `fn()`; user errors and collective failures become one line per rank and an exit code."""
     from internlm.launch import shutdown
+    from internlm.log import setup_logging
 
+    setup_logging()
     try:
         fn()
         _finish_together()
