@@ -23,7 +23,6 @@ from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # DCP warns when used without a process group
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_ckpt(path: Path, step: int, marker: bool = True, kind: str = "checkpoint") -> Path:

@@ -2,10 +2,7 @@
 
 import copy
 import pickle
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +19,8 @@ from internlm.config import (
     torch_dtype,
     validate,
 )
+from tests.helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 SHIPPED = ["demo.py", "7B_sft.py", "7B_internlm2.py", "8B_internlm3.py"]
 NO_DATA = ("data.train_folder=None", "data.valid_folder=None")
@@ -474,8 +471,7 @@ def test_config_object():
 
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_train_py_reports_config_errors_without_traceback():
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "model.hiden_size=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_python(["train.py", "--config", "configs/demo.py", "model.hiden_size=3"], cwd=ROOT)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Traceback" not in output

@@ -4,8 +4,6 @@ Every check compares against transformers itself (no remote code), in fp32 on CP
 """
 import importlib
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from internlm import hf  # noqa: E402
 from internlm.config import config_from_dict, dump_yaml, load_config  # noqa: E402
 from internlm.inference import _filter_top_p, generate, load_model  # noqa: E402
 from internlm.model.internlm import InternLM, ModelArgs  # noqa: E402
+from tests.helpers import run_python  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 96
 TOL = 1e-4
 
@@ -395,20 +393,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("spm")
-    corpus = [CODE * 3] + [p.read_text() for p in sorted((ROOT / "internlm").rglob("*.py"))[:12]]
-    corpus += ["The quick brown fox jumps over the lazy dog. " * 5, "中文 文本 测试 " * 10]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_prefix=str(folder / "sp"), vocab_size=600, model_type="bpe",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2, num_threads=1)
-    return folder / "sp.model"
-
-
 @pytest.mark.parametrize("target", ["llama", "internlm3"])
 def test_tokenizer_files_reproduce_sentencepiece_ids(spm_model, target, tmp_path):
     import sentencepiece as spm
@@ -488,7 +472,8 @@ def test_generate_tool_prints_a_continuation(spm_model, tmp_path, capsys):
 
 def test_import_internlm_stays_light():
     code = "import sys, internlm; assert 'torch' not in sys.modules; assert callable(internlm.load_model)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    proc = run_python(["-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_sizes_and_shard_plan():

@@ -5,8 +5,6 @@ through the real command line)."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,10 +16,7 @@ import train  # the entry point at the repository root, called in-process for th
 from internlm import pipeline as PP
 from internlm.config import load_config
 from internlm.parallel import MESH_DIMS, ParallelDims
-from tests.parallel.harness import TINY_CONFIG
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.helpers import TRAIN, run_python, write_config
 
 # ------------------------------------------------------------------------------------------ rank layout
 
@@ -55,9 +50,7 @@ def test_product_must_equal_world():
 
 def _cfg(*overrides):
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_file = Path(tmp) / "tiny.py"
-        cfg_file.write_text(TINY_CONFIG)
-        return load_config(cfg_file, overrides)
+        return load_config(write_config(Path(tmp)), overrides)
 
 
 @pytest.mark.parametrize("zero1, world, tp, pp, want", [
@@ -170,9 +163,7 @@ LAYOUT_ERRORS = [
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("layout_errors") / "tiny.py"
-    path.write_text(TINY_CONFIG)
-    return path
+    return write_config(tmp_path_factory.mktemp("layout_errors"))
 
 
 @pytest.mark.parametrize("overrides, message", LAYOUT_ERRORS, ids=[" ".join(o) for o, _ in LAYOUT_ERRORS])
@@ -190,8 +181,7 @@ def test_train_rejects_layout_before_launch(overrides, message, tiny_config, tmp
 
 def test_train_cli_layout_error_exit_code(tiny_config, tmp_path):
     """The same through the real command line: a non-zero exit, the key named, no traceback."""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config),
-                           "parallel.tensor.size=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_python([TRAIN, "--config", tiny_config, "parallel.tensor.size=3"], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "parallel.tensor.size=3" in proc.stderr and "model.num_attention_heads" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,7 +1,6 @@
 """The speed switches of doc/train_performance.md: each must compute what the plain path computes,
 and each must really be in effect when selected (kernel report, allocator state, saved memory)."""
 import collections
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +17,7 @@ from internlm.model.internlm import InternLM, ModelArgs
 from internlm.optim.hybrid_zero import HybridZeroOptimizer, resolve_adamw_impl
 from internlm.parallelize import apply_activation_checkpointing, init_parameters
 from internlm.perf import resolve_cpu_matmul
+from tests.helpers import run_python, tiny_model_args
 
 # ---- chunked cross entropy ------------------------------------------------------------------------
 
@@ -66,9 +66,7 @@ def test_packed_loss_kernels_agree():
 
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
 def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
-    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32, attn_backend=backend)
-    model = InternLM(args)
+    model = InternLM(tiny_model_args(num_layers=1, attn_backend=backend))
     init_parameters(model, torch.device("cpu"), seed=5)
     tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(24), torch.arange(40)])[None]
@@ -212,9 +210,7 @@ class _CountOps(TorchDispatchMode):
 
 def _backward_ops_and_grads(policy):
     """Operators run during backward (recomputation included) and the gradients."""
-    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32)
-    model = InternLM(args)
+    model = InternLM(tiny_model_args(num_layers=2))
     init_parameters(model, torch.device("cpu"), seed=3)
     if policy:
         assert apply_activation_checkpointing(model, True, policy) == 2
@@ -270,8 +266,7 @@ _MALLOC_PROBE = textwrap.dedent("""
 def test_cpu_malloc_tuning_keeps_big_blocks_in_the_heap():
     results = {}
     for mode in ("on", "off"):
-        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
-                              timeout=120)
+        proc = run_python(["-c", _MALLOC_PROBE, mode], timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         state, numbers = proc.stdout.strip().splitlines()[-2:]
         mapped, kept_free = map(int, numbers.split())
