@@ -48,6 +48,11 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError(f"model.num_chunks={chunks} needs pipeline parallelism (parallel.pipeline.size > 1); "
                           f"set model.num_chunks=1.")
     if pp > 1:
+        if model.tie_word_embeddings:
+            raise ConfigError(f"model.tie_word_embeddings=True is not supported with parallel.pipeline.size={pp}: the "
+                              f"embedding (first stage) and the output head (last stage) would be two matrices that "
+                              f"drift apart; untie them (model.tie_word_embeddings=False) or train without pipeline "
+                              f"parallelism.")
         if model.num_layers % (pp * chunks):
             raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline.size({pp}) "
                               f"* model.num_chunks({chunks}).")

@@ -1,46 +1,29 @@
 """End to end through the commands a user types: train.py and tools/demo.py."""
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import launcher
+from tests.helpers import ROOT, read_metrics, run_python, write_config
 
-TINY = """
-JOB_NAME = "e2e"
-SEQ_LEN = 64
-model_type = "INTERNLM2_PUBLIC"
-model = dict(num_attention_heads=4, num_kv_attention_heads=2, vocab_size=128, hidden_size=64, num_layers=2,
-             multiple_of=16, dtype="torch.float32", max_position_embeddings=256)
-data = dict(seq_len=SEQ_LEN, micro_num=2, micro_bsz=2, total_steps=40, train_folder=None, valid_folder=None,
-            valid_every=20, valid_micro_num=2)
-adam = dict(lr=3e-3)
-lr_scheduler = dict(warmup_ratio=0.1, eta_min=3e-4)
-"""
-
-
-def run(args, cwd, timeout=300, env=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
-
-
-def read_metrics(folder: Path):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+# the tiny config with 2 layers, trained long enough for the loss to fall, validated twice
+E2E = dict(
+    JOB_NAME="e2e",
+    model=dict(num_layers=2, multiple_of=16),
+    data=dict(micro_num=2, total_steps=40, valid_every=20, valid_micro_num=2, dummy_num_samples=10000),
+    adam=dict(lr=3e-3),
+    lr_scheduler=dict(total_steps=40, warmup_ratio=0.1, eta_min=3e-4),
+    monitor=dict(peak_tflops=None),  # as a user's config: MFU against the measured matmul peak
+    seed=1024,
+)
 
 
 def test_train_py_loss_falls_and_writes_run_folder(tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(TINY)
+    proc = launcher.run(1, ["--seed", "7"], tmp_path, config=write_config(tmp_path, **E2E))
     run_folder = tmp_path / "run"
-    proc = run([str(ROOT / "train.py"), "--config", str(cfg), f"monitor.run_folder={str(run_folder)!r}",
-                "--seed", "7"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run folder: {run_folder}" in proc.stdout
-    rows = read_metrics(run_folder)
+    rows = proc.records
     assert [r["step"] for r in rows] == list(range(1, 41))
     required = {"step", "loss", "lr", "grad_norm", "tgs", "tflops", "mfu", "num_consumed_tokens", "loss_scale",
                 "inf_nan_skip_batches", "type_loss", "step_time", "peak_memory_bytes"}
@@ -63,19 +46,18 @@ def test_train_py_loss_falls_and_writes_run_folder(tmp_path):
 
 
 def test_train_py_same_seed_same_losses(tmp_path):
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(TINY)
+    cfg = write_config(tmp_path, **E2E)
     losses = []
     for name in ("a", "b"):
-        proc = run([str(ROOT / "train.py"), "--config", str(cfg), f"monitor.run_folder={str(tmp_path / name)!r}",
-                    "data.total_steps=5", "data.valid_every=0"], cwd=tmp_path)
+        proc = launcher.run(1, ["data.total_steps=5", "lr_scheduler.total_steps=5", "data.valid_every=0"],
+                            tmp_path / name, config=cfg)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        losses.append([r["loss"] for r in read_metrics(tmp_path / name)])
-    assert losses[0] == losses[1]
+        losses.append([r["loss"] for r in proc.records])
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
 def test_bad_config_is_one_clear_line(tmp_path):
-    proc = run([str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.py"), "adam.lrr=1"], cwd=tmp_path)
+    proc = run_python([ROOT / "train.py", "--config", ROOT / "configs" / "demo.py", "adam.lrr=1"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "adam.lrr" in proc.stderr and "adam.lr" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -83,10 +65,10 @@ def test_bad_config_is_one_clear_line(tmp_path):
 
 def test_demo_end_to_end_small(tmp_path):
     """The README's demo command on a small corpus: data, tokenizer, .bin files, training, validation."""
-    proc = run([str(ROOT / "tools" / "demo.py"), "--data_dir", str(tmp_path / "data"), "--max_mb", "0.4",
-                "data.total_steps=30", "data.valid_every=15", "data.valid_micro_num=2", "data.micro_bsz=2",
-                "data.seq_len=128", f"monitor.run_folder={str(tmp_path / 'run')!r}", "monitor.log_every=5"],
-               cwd=tmp_path, timeout=400)
+    proc = run_python([ROOT / "tools" / "demo.py", "--data_dir", tmp_path / "data", "--max_mb", "0.4",
+                       "data.total_steps=30", "data.valid_every=15", "data.valid_micro_num=2", "data.micro_bsz=2",
+                       "data.seq_len=128", f"monitor.run_folder={str(tmp_path / 'run')!r}", "monitor.log_every=5"],
+                      cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "validation perplexity" in proc.stdout
     for sub in ("train/en", "train/code", "valid/en", "valid/code"):
@@ -97,8 +79,8 @@ def test_demo_end_to_end_small(tmp_path):
     # a second run reuses the prepared data
     model_file = next((tmp_path / "data").rglob("*.model"))
     mtime = model_file.stat().st_mtime
-    proc2 = run([str(ROOT / "tools" / "demo.py"), "--data_dir", str(tmp_path / "data"), "--max_mb", "0.4",
-                 "data.total_steps=2", "data.valid_every=0", "data.seq_len=128", "data.micro_bsz=2",
-                 f"monitor.run_folder={str(tmp_path / 'run2')!r}"], cwd=tmp_path, timeout=400)
+    proc2 = run_python([ROOT / "tools" / "demo.py", "--data_dir", tmp_path / "data", "--max_mb", "0.4",
+                        "data.total_steps=2", "data.valid_every=0", "data.seq_len=128", "data.micro_bsz=2",
+                        f"monitor.run_folder={str(tmp_path / 'run2')!r}"], cwd=tmp_path, timeout=400)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert model_file.stat().st_mtime == mtime

@@ -12,99 +12,47 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import launcher
+from tests.helpers import ROOT, run_python, write_config
 
-CONFIG = """\
-JOB_NAME = "ckpt_test"
-model_type = "INTERNLM2_PUBLIC"
-model = dict(num_attention_heads=4, num_kv_attention_heads=2, hidden_size=64, num_layers=4, vocab_size=256,
-             mlp_ratio=8 / 3, multiple_of=16, dtype="torch.float32", max_position_embeddings=256,
-             num_chunks=1, checkpoint=False)
-data = dict(seq_len=32, micro_num=2, micro_bsz=1, total_steps=12, train_folder=None, valid_folder=None,
-            valid_every=0, dummy_num_samples=400)
-hybrid_zero_optimizer = dict(clip_grad_norm=1.0)
-adam = dict(lr=2e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.01)
-lr_scheduler = dict(total_steps=12, warmup_ratio=0.25, eta_min=2e-4)
-beta2_scheduler = dict(init_beta2=0.95, c=0.8, cur_iter=-1)
-parallel = dict(zero1=dict(size=-1), tensor=dict(size=1, mode="mtp"), pipeline=dict(size=1),
-                collective_timeout_s=120)
-ckpt = dict(enable_save_ckpt=True, checkpoint_every=6, auto_resume=True)
-monitor = dict(log_every=1, peak_tflops=1.0)
-seed = 7
-"""
+# the tiny config with a 12-step schedule, a smaller batch (seq_len 32, one sample per micro-batch)
+# and checkpoints every 6 steps
+CKPT = dict(
+    JOB_NAME="ckpt_test",
+    model=dict(vocab_size=256, multiple_of=16),
+    data=dict(seq_len=32, micro_num=2, micro_bsz=1, total_steps=12),
+    adam=dict(lr=2e-3),
+    lr_scheduler=dict(total_steps=12, warmup_ratio=0.25, eta_min=2e-4),
+    beta2_scheduler=dict(init_beta2=0.95, c=0.8, cur_iter=-1),
+    ckpt=dict(enable_save_ckpt=True, checkpoint_every=6, auto_resume=True),
+    seed=7,
+)
 DP2 = ("parallel.zero1.size=2", "data.micro_num=1")
 
 
-@dataclass
-class Run:
-    returncode: int
-    out: str  # stdout + stderr
-    records: list
-    seconds: float
-
-    def losses(self) -> dict:
-        return {r["step"]: r for r in self.records}
-
-
-def _env(extra=None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra or {})
-    return env
-
-
-def _command(config: Path, nproc: int, run_folder: Path, ckpt_folder: Path, overrides) -> list[str]:
-    if nproc == 1:
-        head = [sys.executable, str(ROOT / "train.py")]
-    else:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                str(ROOT / "train.py")]
-    return head + ["--config", str(config), f"monitor.run_folder={run_folder}",
-                   f"ckpt.save_ckpt_folder={ckpt_folder}", *overrides]
-
-
-def _records(run_folder: Path) -> list:
-    path = run_folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 class Workspace:
+    """The module's runs: one config file, a numbered work folder per run, checkpoints where told."""
+
     def __init__(self, root: Path):
         self.root = root
-        self.config = root / "ckpt_test.py"
-        self.config.write_text(CONFIG)
+        self.config = write_config(root, "ckpt_test.py", **CKPT)
         self.n = 0
 
-    def start(self, nproc: int, ckpt: Path, *overrides, env=None):
+    def start(self, nproc: int, ckpt: Path, *overrides, env=None) -> launcher.Started:
         self.n += 1
-        run_folder = self.root / f"run{self.n}"
-        proc = subprocess.Popen(_command(self.config, nproc, run_folder, ckpt, overrides), cwd=self.root,
-                                env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        return proc, run_folder
+        return launcher.start(nproc, [f"ckpt.save_ckpt_folder={ckpt}", *overrides], self.root / f"run{self.n}",
+                              config=self.config, env=env)
 
-    def train(self, nproc: int, ckpt: Path, *overrides, env=None, timeout=150) -> Run:
-        t0 = time.time()
-        proc, run_folder = self.start(nproc, ckpt, *overrides, env=env)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            pytest.fail(f"training timed out:\n{out[-3000:]}")
-        return Run(proc.returncode, out, _records(run_folder), time.time() - t0)
+    def train(self, nproc: int, ckpt: Path, *overrides, env=None, timeout=150) -> launcher.RunResult:
+        return self.start(nproc, ckpt, *overrides, env=env).wait(timeout)
 
 
-def _ok(run: Run) -> Run:
+def _ok(run: launcher.RunResult) -> launcher.RunResult:
     assert run.returncode == 0, run.out[-4000:]
     return run
 
@@ -131,11 +79,12 @@ def _tensors(path: Path) -> dict:
         return _load_state_dict_from_keys(checkpoint_id=str(path))
 
 
-def _assert_same_metrics(reference: Run, runs: list[Run], rtol: float, steps=range(1, 13)):
+def _assert_same_metrics(reference: launcher.RunResult, runs: list[launcher.RunResult], rtol: float,
+                         steps=range(1, 13)):
     got = {}
     for run in runs:
-        got.update(run.losses())
-    ref = reference.losses()
+        got.update(run.by_step())
+    ref = reference.by_step()
     assert sorted(got) == list(steps), sorted(got)
     for step in steps:
         for key in ("loss", "grad_norm"):
@@ -204,19 +153,18 @@ def _hashes(folder: Path) -> dict:
 
 def test_sigkill_during_save_resumes_from_previous_checkpoint(ws, reference):
     ckpt = ws.root / "crash"
-    proc, run_folder = ws.start(1, ckpt, "ckpt.checkpoint_every=3", "ckpt.keep_last=1",
-                                env={"INTERNLM_CKPT_TEST_SLOW_SAVE": "6:60"})
+    run = ws.start(1, ckpt, "ckpt.checkpoint_every=3", "ckpt.keep_last=1",
+                   env={"INTERNLM_CKPT_TEST_SLOW_SAVE": "6:60"})
     deadline = time.time() + 120
     tmp = []
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and run.poll() is None:
         tmp = [p for p in ckpt.glob("6.tmp-*") if (p / ".metadata").is_file() and (p / "meta.json").is_file()]
         if tmp:
             break
         time.sleep(0.05)
     assert tmp, "the step-6 save never reached its tmp folder"
     before = _hashes(ckpt / "3")
-    os.killpg(proc.pid, signal.SIGKILL)  # all data of step 6 is written, but it was never published
-    proc.communicate()
+    run.kill()  # SIGKILL: all data of step 6 is written, but it was never published
     assert (ckpt / "3" / "COMPLETE").is_file()
     assert not (ckpt / "6").exists()
     assert _hashes(ckpt / "3") == before
@@ -224,32 +172,33 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(ws, reference):
     resumed = _ok(ws.train(1, ckpt, "ckpt.checkpoint_every=3", "ckpt.keep_last=1"))
     assert f"resumed from {ckpt / '3'} (step 3" in resumed.out
     assert "left by an interrupted save" in resumed.out
-    _assert_same_metrics(reference, [Run(0, "", _records(run_folder)[:3], 0), resumed], rtol=0)
+    first = launcher.RunResult(0, "", "", 0, records=run.records()[:3])
+    _assert_same_metrics(reference, [first, resumed], rtol=0)
     assert sorted(p.name for p in ckpt.iterdir()) == ["12"]  # keep_last=1, the tmp folder cleared
 
 
 # ---- stopping ------------------------------------------------------------------------------------
 
-def _wait_for_step(proc, run_folder: Path, step: int, timeout=120):
+def _wait_for_step(run: launcher.Started, step: int, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(_records(run_folder)) >= step:
+        if len(run.records()) >= step:
             return
-        if proc.poll() is not None:
-            pytest.fail(f"training ended early:\n{proc.communicate()[0][-3000:]}")
+        if run.poll() is not None:
+            pytest.fail(f"training ended early:\n{run.output()[-3000:]}")
         time.sleep(0.05)
-    pytest.fail("training did not reach step {step}")
+    pytest.fail(f"training did not reach step {step}")
 
 
 def _stopped_run(ws, ckpt, nproc, trigger, *overrides):
-    """Start a long run, call trigger(proc) after step 2, expect exit 0 and a checkpoint of the last step."""
-    proc, run_folder = ws.start(nproc, ckpt, "data.total_steps=100000", "ckpt.checkpoint_every=1000",
-                                *overrides)
-    _wait_for_step(proc, run_folder, 2)
-    trigger(proc)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    last = _records(run_folder)[-1]["step"]
+    """Start a long run, call trigger(run) after step 2, expect exit 0 and a checkpoint of the last step."""
+    run = ws.start(nproc, ckpt, "data.total_steps=100000", "ckpt.checkpoint_every=1000", *overrides)
+    _wait_for_step(run, 2)
+    trigger(run)
+    result = run.wait(timeout=120)
+    out = result.out
+    assert result.returncode == 0, out[-3000:]
+    last = result.records[-1]["step"]
     assert last < 1000
     assert (ckpt / str(last) / "COMPLETE").is_file(), out[-2000:]
     assert f"stopped after step {last} on" in out
@@ -258,29 +207,21 @@ def _stopped_run(ws, ckpt, nproc, trigger, *overrides):
 
 def test_stop_file_saves_and_exits_0(ws, tmp_path):
     stop = tmp_path / "STOP"
-    out, last = _stopped_run(ws, ws.root / "stopfile", 1, lambda proc: stop.write_text(""),
+    out, last = _stopped_run(ws, ws.root / "stopfile", 1, lambda run: stop.write_text(""),
                              f"ckpt.stop_file_path={stop}")
     assert f"on stop file {stop}" in out
     assert not stop.exists()  # consumed, so a restarted job trains on
 
 
 def test_sigterm_saves_and_exits_0(ws):
-    out, _ = _stopped_run(ws, ws.root / "sigterm", 1, lambda proc: proc.send_signal(signal.SIGTERM))
+    out, _ = _stopped_run(ws, ws.root / "sigterm", 1, lambda run: run.send_signal(signal.SIGTERM))
     assert "on signal SIGTERM" in out
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
 
 
 def test_sigusr1_on_one_rank_stops_every_rank(ws):
     """Only rank 1 gets the signal; the per-step all_reduce makes both ranks save the same step."""
-    def signal_one_worker(proc):
-        workers = _children(proc.pid)
+    def signal_one_worker(run):
+        workers = run.children()  # torchrun's
         assert len(workers) == 2, workers
         os.kill(max(workers), signal.SIGUSR1)
 
@@ -291,9 +232,8 @@ def test_sigusr1_on_one_rank_stops_every_rank(ws):
 
 # ---- retention, snapshots, corrupt checkpoints, ckpt_info ---------------------------------------
 
-def _ckpt_info(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "ckpt_info.py"), str(path)], capture_output=True,
-                          text=True, timeout=60)
+def _ckpt_info(path: Path):
+    return run_python([ROOT / "tools" / "ckpt_info.py", path], timeout=60)
 
 
 def test_keep_last_snapshots_and_ckpt_info(ws):

@@ -1,11 +1,7 @@
 """A rank stuck outside a collective ends every rank with a message naming the rank and the operation."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import launcher
 
 SCRIPT = textwrap.dedent("""
     import sys, time
@@ -28,11 +24,9 @@ SCRIPT = textwrap.dedent("""
 def test_collective_timeout_names_rank_and_operation(tmp_path):
     script = tmp_path / "hang.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode != 0
-    err = proc.stderr
+    result = launcher.start_script(2, script, [], tmp_path / "run").wait(timeout=120)
+    assert result.returncode not in (0, -9), result.tail()
+    err = result.stderr
     assert "[rank 0] collective failed or timed out during step 1 optimizer (grad-norm all-reduce)" in err, err[-3000:]
     # our own line, not a Python traceback, from the rank that timed out (torchrun's agent may still
     # print its own summary of the failed child)

@@ -17,15 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.parallel import harness
+from tests import launcher
+from tests.helpers import tiny_model_args
 
 transformers = pytest.importorskip("transformers")
 
 STEPS = 2
 TOL = 1e-4
-# the harness's tiny model: INTERNLM2_PUBLIC, hidden 64, 4 heads / 2 kv heads, 4 layers, vocab 128, FFN 192
-HF_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+# the tiny model of the launcher's runs (INTERNLM2_PUBLIC, hidden 64, 4 heads / 2 kv heads, 4 layers,
+# vocab 128, FFN 192) as a transformers config
+_TINY = tiny_model_args()
+HF_SHAPE = dict(vocab_size=_TINY.vocab_size, hidden_size=_TINY.hidden_size, intermediate_size=_TINY.intermediate_size,
+                num_hidden_layers=_TINY.num_layers, num_attention_heads=_TINY.num_attention_heads,
+                num_key_value_heads=_TINY.num_kv_attention_heads, max_position_embeddings=_TINY.max_position_embeddings,
+                rms_norm_eps=_TINY.norm_eps, tie_word_embeddings=False)
 
 
 def _convert2hf():
@@ -78,7 +83,7 @@ def test_hf_import_tp2_trains_like_one_process(tmp_path):
     ref = random_hf_llama(tmp_path / "llama")
     write_internlm2_layout(ref, tmp_path / "internlm2")
     steps = f"data.total_steps={STEPS}"
-    single = harness.run(1, [f"data.micro_num={harness.GLOBAL_MICRO}", steps, *load_hf(tmp_path / "llama")],
+    single = launcher.run(1, [f"data.micro_num={launcher.GLOBAL_MICRO}", steps, *load_hf(tmp_path / "llama")],
                          tmp_path / "single")
     assert single.returncode == 0, single.tail()
     from internlm.hf import import_hf_to_ckpt
@@ -87,22 +92,22 @@ def test_hf_import_tp2_trains_like_one_process(tmp_path):
     from_ckpt = [f"ckpt.load_ckpt_info={{'path': {str(tmp_path / 'imported')!r}, 'content': ['model'], "
                  f"'ckpt_type': 'internlm'}}", "ckpt.auto_resume=False"]
     layouts = {
-        "tp2 (InternLM2 fused layout)": [f"data.micro_num={harness.GLOBAL_MICRO}", *load_hf(tmp_path / "internlm2"),
+        "tp2 (InternLM2 fused layout)": [f"data.micro_num={launcher.GLOBAL_MICRO}", *load_hf(tmp_path / "internlm2"),
                                          "parallel.tensor.size=2"],
-        "dp2 fsdp (llama layout)": [f"data.micro_num={harness.GLOBAL_MICRO // 2}", *load_hf(tmp_path / "llama"),
+        "dp2 fsdp (llama layout)": [f"data.micro_num={launcher.GLOBAL_MICRO // 2}", *load_hf(tmp_path / "llama"),
                                     "parallel.zero1.size=-1", "parallel.zero1.fsdp=True"],
-        "tp2 msp (imported checkpoint)": [f"data.micro_num={harness.GLOBAL_MICRO}", *from_ckpt,
+        "tp2 msp (imported checkpoint)": [f"data.micro_num={launcher.GLOBAL_MICRO}", *from_ckpt,
                                           "parallel.tensor.size=2", "parallel.tensor.mode='msp'"],
     }
     for i, (name, overrides) in enumerate(layouts.items()):
-        got = harness.run(2, [steps, *overrides], tmp_path / f"layout{i}")
+        got = launcher.run(2, [steps, *overrides], tmp_path / f"layout{i}")
         assert got.returncode == 0, got.tail()
         assert ("loaded Hugging Face weights" in got.stdout) != ("imported" in name), got.tail()
-        parity = harness.compare(single, got, STEPS)
+        parity = launcher.compare(single, got, STEPS)
         print(f"HF import, {name} vs one process: {parity}")
         assert parity.loss <= TOL and parity.grad_norm <= TOL, (name, parity)
     # the weights really came from the HF folder: the same run from the seeded init starts elsewhere
-    init = harness.run(1, [f"data.micro_num={harness.GLOBAL_MICRO}", "data.total_steps=1"], tmp_path / "init")
+    init = launcher.run(1, [f"data.micro_num={launcher.GLOBAL_MICRO}", "data.total_steps=1"], tmp_path / "init")
     assert init.returncode == 0 and init.records, init.tail()
     assert abs(init.records[0]["loss"] - single.records[0]["loss"]) > 1e-3
 
@@ -111,13 +116,13 @@ def test_train_tp2_pp2_then_export_matches_load_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from internlm.builders import model_args
-    from internlm.checkpoint import state as S
+    from internlm.checkpoint import state as ckpt_tensors
     from internlm.config import load_config
     from internlm.inference import load_model
     from internlm.model.internlm import InternLM
 
     ckpt_root = tmp_path / "ckpt"
-    run = harness.run(4, [f"data.micro_num={harness.GLOBAL_MICRO}", "data.total_steps=2",
+    run = launcher.run(4, [f"data.micro_num={launcher.GLOBAL_MICRO}", "data.total_steps=2",
                           "parallel.tensor.size=2", "parallel.pipeline.size=2", "ckpt.enable_save_ckpt=True",
                           f"ckpt.save_ckpt_folder={str(ckpt_root)!r}", "ckpt.checkpoint_every=2"],
                       tmp_path / "train", timeout=600)
@@ -127,7 +132,7 @@ def test_train_tp2_pp2_then_export_matches_load_model(tmp_path):
     out = tmp_path / "hf"
     assert _convert2hf().main(["--src", str(ckpt_root), "--tgt", str(out), "--dtype", "float32",
                                "--max_shard", "100KB", "--no_progress"]) == 0
-    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, _TINY.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     ours = load_model(ckpt_root)
     with torch.no_grad():
         logits = ours(ids)
@@ -140,6 +145,6 @@ def test_train_tp2_pp2_then_export_matches_load_model(tmp_path):
                                                         ["data.train_folder=None", "data.valid_folder=None"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        S.load_model([direct], ckpt_root / "2")
+        ckpt_tensors.load_model([direct], ckpt_root / "2")
     with torch.no_grad():
         torch.testing.assert_close(direct.eval()(ids), logits, atol=0, rtol=0)

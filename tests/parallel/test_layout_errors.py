@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.parallel import harness
+from tests import launcher
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,11 @@ class BadLayout:
     overrides: tuple[str, ...]
     message: str  # what every rank's error line must hold
 
-    def job(self) -> harness.Job:
+    def job(self) -> launcher.Job:
         # a short timeout: a rank stuck in a collective would show up as a timeout here
-        return harness.Job(self.name, self.nproc, (*self.overrides, "data.total_steps=2"), timeout=150.0)
+        return launcher.Job(self.name, self.nproc, (*self.overrides, "data.total_steps=2"), timeout=150.0)
 
-    def jobs(self) -> list[harness.Job]:
+    def jobs(self) -> list[launcher.Job]:
         return [self.job()]
 
 
@@ -37,7 +37,7 @@ BAD_LAYOUTS = [
 @pytest.mark.parametrize("bad", BAD_LAYOUTS, ids=[b.name for b in BAD_LAYOUTS])
 def test_world_dependent_layout_error(bad: BadLayout, runner):
     result = runner.result(bad.job())
-    out = harness.worker_output(result)
+    out = launcher.worker_output(result)
     assert result.returncode not in (0, -9), f"expected a clean failure, got exit {result.returncode}:\n{result.tail()}"
     for rank in range(bad.nproc):
         assert f"[rank {rank}] error: {bad.message}" in out, out[-3000:]

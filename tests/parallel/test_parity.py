@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.parallel import harness
+from tests import launcher
 
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2
@@ -25,18 +25,19 @@ class Layout:
     overrides: tuple[str, ...]
     reference: tuple[str, ...] = ()  # overrides shared with the single-process reference (model, dtype)
     tolerance: float = FP32_TOL
-    steps: int = harness.STEPS
+    steps: int = launcher.STEPS
     xfail: str = ""  # a known bug outside tests/parallel, with its fix; the test fails when it is fixed
 
-    def reference_job(self) -> harness.Job:
-        return harness.Job("reference", 1, (*self.reference, f"data.micro_num={harness.GLOBAL_MICRO}"))
+    def reference_job(self) -> launcher.Job:
+        return launcher.Job("reference", 1, (*self.reference, f"data.micro_num={launcher.GLOBAL_MICRO}"))
 
-    def job(self) -> harness.Job:
+    def job(self) -> launcher.Job:
         timeout = 300.0 * max(1, self.nproc // 2)
-        return harness.Job(self.name, self.nproc, (*self.reference, f"data.micro_num={harness.GLOBAL_MICRO // self.dp}",
-                                                   f"data.total_steps={self.steps}", *self.overrides), timeout)
+        micro_num = f"data.micro_num={launcher.GLOBAL_MICRO // self.dp}"
+        return launcher.Job(self.name, self.nproc,
+                            (*self.reference, micro_num, f"data.total_steps={self.steps}", *self.overrides), timeout)
 
-    def jobs(self) -> list[harness.Job]:
+    def jobs(self) -> list[launcher.Job]:
         return [self.reference_job(), self.job()]
 
     def param(self):
@@ -86,9 +87,9 @@ def test_layout_matches_single_process(layout: Layout, runner, parity_log):
     ref = runner.result(layout.reference_job())
     got = runner.result(layout.job())
     try:
-        parity = harness.compare(ref, got, layout.steps)
+        parity = launcher.compare(ref, got, layout.steps)
     except AssertionError:
-        parity_log(layout.name, layout.nproc, harness.Parity(float("nan"), float("nan"), 0), layout.tolerance,
+        parity_log(layout.name, layout.nproc, launcher.Parity(float("nan"), float("nan"), 0), layout.tolerance,
                    "run failed" + (" (known bug: xfail)" if layout.xfail else ""))
         raise
     ok = parity.loss <= layout.tolerance and parity.grad_norm <= layout.tolerance

@@ -3,10 +3,6 @@ baseline is the same model as ours (same parameter count; same weights give the 
 gradients on the same batch)."""
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +19,8 @@ from internlm.data.packed import DummySource
 from internlm.loss import PackedLMLoss, make_target
 from internlm.model.internlm import InternLM, ModelArgs
 from internlm.parallelize import init_parameters
+from tests.helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_kv_attention_heads=2",
         "model.multiple_of=16", "model.vocab_size=512", "data.seq_len=64", "data.micro_bsz=2", "data.micro_num=2",
         "data.dummy_num_samples=200"]
@@ -34,12 +30,8 @@ HF_KEYS = ("hf_tgs", "hf_peak_memory_bytes", "speedup_vs_hf")
 
 def run_tool(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "demo.py"),
-           *TINY, "--steps", "2", "--warmup", "1", "--peak-seconds", "0.1", "--json", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python([ROOT / "tools" / "benchmark.py", "--config", ROOT / "configs" / "demo.py", *TINY, "--steps", "2",
+                       "--warmup", "1", "--peak-seconds", "0.1", "--json", out, *extra], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| config |" in proc.stdout  # the markdown table
     return json.loads(out.read_text()), proc.stdout

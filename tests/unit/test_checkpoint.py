@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from internlm.checkpoint import layout as L
-from internlm.checkpoint import state as S
+from internlm.checkpoint import layout
+from internlm.checkpoint import state as ckpt_tensors
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.manager import CheckpointManager
 from internlm.config import AdamConfig
@@ -24,14 +24,13 @@ from internlm.optim.lr import Beta2Scheduler, WarmupCosineLR
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # DCP warns when used without a process group
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_ckpt(path: Path, step: int, marker: bool = True, kind: str = "checkpoint") -> Path:
     path.mkdir(parents=True)
     (path / ".metadata").write_bytes(b"dcp")
     (path / "meta.json").write_text(json.dumps({
-        "format": L.FORMAT, "step": step, "kind": kind, "tokens_seen": step * 10, "world_size": 2,
+        "format": layout.FORMAT, "step": step, "kind": kind, "tokens_seen": step * 10, "world_size": 2,
         "model_type": "INTERNLM2_PUBLIC", "layout": {"tp": 2, "pp": 1, "dp": 1, "zero1": 1, "num_chunks": 1}}))
     (path / "state.json").write_text(json.dumps({"step": step, "optimizer": {}, "lr_scheduler": {}, "sampler": {}}))
     (path / "config.yaml").write_text("JOB_NAME: fake\nmodel:\n  hidden_size: 64\n  num_layers: 2\n")
@@ -51,7 +50,7 @@ def test_find_latest_takes_newest_complete_and_names_the_skipped(tmp_path):
     empty_md = fake_ckpt(tmp_path / "15", 15)
     (empty_md / ".metadata").write_bytes(b"")
     fake_ckpt(tmp_path / "18.tmp-abc", 18)  # tmp folders are never candidates
-    best, skipped = L.find_latest(tmp_path)
+    best, skipped = layout.find_latest(tmp_path)
     assert best.path == tmp_path / "6" and best.step == 6
     reasons = {p.name: why for p, why in skipped}
     assert set(reasons) == {"9", "12", "15"}
@@ -64,49 +63,49 @@ def test_find_latest_orders_by_meta_step_with_snapshots(tmp_path):
     fake_ckpt(tmp_path / "6", 6)
     fake_ckpt(tmp_path / "snapshot" / "0", 8, kind="snapshot")
     fake_ckpt(tmp_path / "snapshot" / "1", 4, kind="snapshot")
-    assert L.find_latest(tmp_path)[0].path == tmp_path / "snapshot" / "0"
+    assert layout.find_latest(tmp_path)[0].path == tmp_path / "snapshot" / "0"
     fake_ckpt(tmp_path / "8", 8)  # a step folder wins a tie with a snapshot
-    assert L.find_latest(tmp_path)[0].path == tmp_path / "8"
-    assert L.find_latest(tmp_path / "missing") == (None, [])
+    assert layout.find_latest(tmp_path)[0].path == tmp_path / "8"
+    assert layout.find_latest(tmp_path / "missing") == (None, [])
 
 
 def test_check_checkpoint_errors_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        L.check_checkpoint(tmp_path / "nope")
+        layout.check_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=f"{tmp_path} is not a complete checkpoint"):
-        L.check_checkpoint(tmp_path)
+        layout.check_checkpoint(tmp_path)
     half = fake_ckpt(tmp_path / "5", 5, marker=False)
     with pytest.raises(CheckpointError, match=f"checkpoint {half} is incomplete"):
-        L.check_checkpoint(half, allow_model_only=True)  # a training save without marker never loads
+        layout.check_checkpoint(half, allow_model_only=True)  # a training save without marker never loads
     # weights written by another tool (e.g. an HF import: DCP + its own meta.json, no marker)
     imported = tmp_path / "imported"
     imported.mkdir()
     (imported / ".metadata").write_bytes(b"dcp")
     (imported / "meta.json").write_text(json.dumps({"step": 0, "source": "huggingface"}))
     with pytest.raises(CheckpointError):
-        L.check_checkpoint(imported)
-    info = L.check_checkpoint(imported, allow_model_only=True)
+        layout.check_checkpoint(imported)
+    info = layout.check_checkpoint(imported, allow_model_only=True)
     assert info.model_only and info.step == 0
     # a complete folder whose state.json has no training state (tools/convert_hf2internlm.py writes
     # these) loads model weights but is never auto-resumed
     weights = fake_ckpt(tmp_path / "save" / "0", 0)
     (weights / "state.json").write_text(json.dumps({"step": 0}))
-    assert L.check_checkpoint(weights).model_only
-    best, skipped = L.find_latest(tmp_path / "save")
+    assert layout.check_checkpoint(weights).model_only
+    best, skipped = layout.find_latest(tmp_path / "save")
     assert best is None and "model weights only" in skipped[0][1]
 
 
 def test_commit_renames_then_marks_and_rotates_a_snapshot_slot(tmp_path):
     slot = fake_ckpt(tmp_path / "snapshot" / "0", 2, kind="snapshot")
-    tmp = fake_ckpt(L.tmp_path(slot, "tok"), 6, marker=False, kind="snapshot")
+    tmp = fake_ckpt(layout.tmp_path(slot, "tok"), 6, marker=False, kind="snapshot")
     assert tmp.name == "0.tmp-tok"
-    L.commit(tmp, slot, "tok", 6)
-    assert not tmp.exists() and L.check_checkpoint(slot).step == 6
+    layout.commit(tmp, slot, "tok", 6)
+    assert not tmp.exists() and layout.check_checkpoint(slot).step == 6
     assert json.loads((slot / "COMPLETE").read_text())["step"] == 6
-    assert L.stale_folders(tmp_path) == []  # the old slot content is gone
+    assert layout.stale_folders(tmp_path) == []  # the old slot content is gone
     step = fake_ckpt(tmp_path / "9.tmp-tok", 9, marker=False)
-    L.commit(step, tmp_path / "9", "tok", 9)
-    assert L.check_checkpoint(tmp_path / "9").step == 9
+    layout.commit(step, tmp_path / "9", "tok", 9)
+    assert layout.check_checkpoint(tmp_path / "9").step == 9
 
 
 def test_prune_keeps_newest_complete_and_never_the_protected(tmp_path):
@@ -114,18 +113,18 @@ def test_prune_keeps_newest_complete_and_never_the_protected(tmp_path):
         fake_ckpt(tmp_path / str(s), s)
     fake_ckpt(tmp_path / "15", 15, marker=False)
     fake_ckpt(tmp_path / "snapshot" / "0", 1, kind="snapshot")
-    assert L.prune(tmp_path, 0, protect=tmp_path / "12") == []
-    removed = L.prune(tmp_path, 2, protect=tmp_path / "12")
+    assert layout.prune(tmp_path, 0, protect=tmp_path / "12") == []
+    removed = layout.prune(tmp_path, 2, protect=tmp_path / "12")
     assert sorted(p.name for p in removed) == ["3", "6"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["12", "15", "9", "snapshot"]
-    assert L.prune(tmp_path, 1, protect=tmp_path / "9") == []  # the protected one stays
+    assert layout.prune(tmp_path, 1, protect=tmp_path / "9") == []  # the protected one stays
 
 
 def test_stale_folders_are_tmp_and_old_leftovers(tmp_path):
     fake_ckpt(tmp_path / "3", 3)
     (tmp_path / "6.tmp-1-aa").mkdir()
     (tmp_path / "snapshot" / "1.old-2-bb").mkdir(parents=True)
-    assert [p.name for p in L.stale_folders(tmp_path)] == ["6.tmp-1-aa", "1.old-2-bb"]
+    assert [p.name for p in layout.stale_folders(tmp_path)] == ["6.tmp-1-aa", "1.old-2-bb"]
 
 
 # ---- optimizer per model part and the DCP state dict -----------------------------------------------
@@ -203,7 +202,7 @@ def test_dcp_round_trip_continues_bitwise_and_reshards_across_parts(tmp_path, lo
     x = torch.randn(5, 4)
     parts, opt, sched, beta2 = build()
     train_steps(parts, opt, sched, beta2, 3, x)
-    state = S.save_state_dict(parts, opt.part_optimizers)
+    state = ckpt_tensors.save_state_dict(parts, opt.part_optimizers)
     assert {"model.layers.0.weight", "model.layers.1.bias", "optim.state.layers.0.weight.exp_avg",
             "optim.state.layers.1.weight.step"} <= set(state)
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # nothing to unpickle on load
@@ -213,10 +212,10 @@ def test_dcp_round_trip_continues_bitwise_and_reshards_across_parts(tmp_path, lo
     parts2, opt2, sched2, beta22 = build(seed=1, names=load_names)
     if len(load_names) == 1:
         parts, opt, sched, beta2 = build(seed=2, names=load_names)  # reference: the same model as one part
-        S.load_model(parts, tmp_path)
-        S.load_optimizer(parts, opt.part_optimizers, tmp_path)
-    S.load_model(parts2, tmp_path)
-    S.load_optimizer(parts2, opt2.part_optimizers, tmp_path)
+        ckpt_tensors.load_model(parts, tmp_path)
+        ckpt_tensors.load_optimizer(parts, opt.part_optimizers, tmp_path)
+    ckpt_tensors.load_model(parts2, tmp_path)
+    ckpt_tensors.load_optimizer(parts2, opt2.part_optimizers, tmp_path)
     for a, b in zip([p for m in parts for p in m.parameters()], [p for m in parts2 for p in m.parameters()]):
         assert torch.equal(a, b)
     m = CheckpointManager.__new__(CheckpointManager)
@@ -234,22 +233,22 @@ def test_check_keys_names_missing_and_mismatched_keys_and_corrupt_metadata(tmp_p
     import torch.distributed.checkpoint as dcp
 
     dcp.save({"model.a": torch.zeros(2, 3), "model.b": torch.zeros(4)}, checkpoint_id=str(tmp_path / "c"))
-    S.check_keys(tmp_path / "c", {"model.a": torch.zeros(2, 3)})
+    ckpt_tensors.check_keys(tmp_path / "c", {"model.a": torch.zeros(2, 3)})
     with pytest.raises(CheckpointError, match=r"does not fit this model: 1 missing key\(s\), e.g. model.z; "
                                               r"1 shape mismatch\(es\), e.g. model.b: saved \[4\], model \[5\]"):
-        S.check_keys(tmp_path / "c", {"model.z": torch.zeros(1), "model.b": torch.zeros(5)})
+        ckpt_tensors.check_keys(tmp_path / "c", {"model.z": torch.zeros(1), "model.b": torch.zeros(5)})
     (tmp_path / "c" / ".metadata").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'c'} is corrupt"):
-        S.check_keys(tmp_path / "c", {"model.a": torch.zeros(2, 3)})
+        ckpt_tensors.check_keys(tmp_path / "c", {"model.a": torch.zeros(2, 3)})
 
 
 def test_rng_state_round_trip_loads_with_weights_only(tmp_path):
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     np.random.normal()  # leaves a cached gaussian in numpy's state
-    torch.save(S.rng_state(torch.device("cpu")), tmp_path / "rng.pt")
+    torch.save(ckpt_tensors.rng_state(torch.device("cpu")), tmp_path / "rng.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
-    S.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    ckpt_tensors.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
     got = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     assert expected[2:] == got[2:]

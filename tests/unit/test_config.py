@@ -3,10 +3,7 @@
 import copy
 import dataclasses
 import pickle
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +23,8 @@ from internlm.config import (
 from internlm.config.docs import markdown
 from internlm.config.schema import PipelineConfig, ZeroConfig
 from internlm.parallel_dims import shard_group_size
+from tests.helpers import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 SHIPPED = ["demo.py", "7B_sft.py", "7B_internlm2.py", "8B_internlm3.py"]
 NO_DATA = ("data.train_folder=None", "data.valid_folder=None")
@@ -495,8 +492,7 @@ def test_key_table_doc_is_generated_from_the_schema():
 
 
 def test_train_py_prints_the_config_keys():
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config-keys"], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_python([ROOT / "train.py", "--config-keys"], timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert len(lines) == len(markdown().splitlines()) - len(markdown().split("|---|")[0].splitlines()) - 1
@@ -507,8 +503,7 @@ def test_train_py_prints_the_config_keys():
 
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_train_py_reports_config_errors_without_traceback():
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "model.hiden_size=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_python(["train.py", "--config", "configs/demo.py", "model.hiden_size=3"], cwd=ROOT)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Traceback" not in output

@@ -3,27 +3,19 @@ and the torch varlen attention adapter (run against a stand-in kernel, since the
 import gzip
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from internlm.cli import gpu_check
 from internlm.model import attention
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, run_python
 
 
 def run_check(tmp_path, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT"):
-        env.pop(key, None)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--out", str(out), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python([ROOT / "tools" / "gpu_check.py", "--out", out, *args], cwd=tmp_path,
+                      env={"OUT": None})  # the device machine's output folder is not ours
     return proc, out
 
 

@@ -4,8 +4,6 @@ Every check compares against transformers itself (no remote code), in fp32 on CP
 """
 import importlib
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from internlm.builders import model_args  # noqa: E402
 from internlm.config import config_from_dict, dump_yaml, load_config  # noqa: E402
 from internlm.inference import _filter_top_p, generate, load_model  # noqa: E402
 from internlm.model.internlm import InternLM, ModelArgs  # noqa: E402
+from tests.helpers import run_python  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 96
 TOL = 1e-4
 
@@ -221,18 +219,18 @@ def test_llama_round_trip_identical_tensors(tmp_path, capsys):
 
 
 def test_imported_checkpoint_is_complete_for_the_checkpoint_module(tmp_path):
-    from internlm.checkpoint import layout as L
-    from internlm.checkpoint import state as S
+    from internlm.checkpoint import layout
+    from internlm.checkpoint import state as ckpt_tensors
 
     ref, folder = random_llama(tmp_path, tie_word_embeddings=True)
     info = hf.import_hf_to_ckpt(folder, tmp_path / "ckpt", progress=False)
-    assert L.check_checkpoint(tmp_path / "ckpt").step == 0
+    assert layout.check_checkpoint(tmp_path / "ckpt").step == 0
     args = model_args(load_config(tmp_path / "ckpt" / "config.yaml"))
     assert args.tie_word_embeddings and args.model_type == "LLAMA2" and info["tensors"] == args.num_layers * 9 + 3
     model = InternLM(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        S.load_model([model], tmp_path / "ckpt")  # what load_ckpt_info(content=("model",)) runs
+        ckpt_tensors.load_model([model], tmp_path / "ckpt")  # what load_ckpt_info(content=("model",)) runs
     ids = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids).logits, atol=TOL, rtol=0)
@@ -396,20 +394,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("spm")
-    corpus = [CODE * 3] + [p.read_text() for p in sorted((ROOT / "internlm").rglob("*.py"))[:12]]
-    corpus += ["The quick brown fox jumps over the lazy dog. " * 5, "中文 文本 测试 " * 10]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_prefix=str(folder / "sp"), vocab_size=600, model_type="bpe",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2, num_threads=1)
-    return folder / "sp.model"
-
-
 @pytest.mark.parametrize("target", ["llama", "internlm3"])
 def test_tokenizer_files_reproduce_sentencepiece_ids(spm_model, target, tmp_path):
     import sentencepiece as spm
@@ -489,7 +473,8 @@ def test_generate_tool_prints_a_continuation(spm_model, tmp_path, capsys):
 
 def test_import_internlm_stays_light():
     code = "import sys, internlm; assert 'torch' not in sys.modules; assert callable(internlm.load_model)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    proc = run_python(["-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_sizes_and_shard_plan():

@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ from internlm.metrics import (
     peak_memory_bytes,
     tgs,
 )
+from tests.helpers import read_metrics
 
 # InternLM-7B as published in InternEvo's performance table
 H, L, V, S = 4096, 32, 103168, 2048
@@ -176,10 +176,9 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     with MetricsWriter(tmp_path / "run") as writer:
         for step, record in enumerate(records, start=1):
             writer.write(step, record)
-        # each line is flushed as it is written
-        lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == 3
-    back = [json.loads(line) for line in lines]
+        # each line is flushed as it is written (read_metrics reads only newline-terminated lines)
+        back = read_metrics(tmp_path / "run")
+        assert len(back) == 3
     assert back[0] == {"step": 1, **records[0]}
     assert back[1] == {"step": 2, "loss": 3.25, "lr": 2e-4, "inf_nan_skip_batches": 0, "num_consumed_tokens": 4096}
     assert back[2] == {"step": 3, "loss": None, "loss_scale": 65536.0, "note": "overflow"}
@@ -192,7 +191,7 @@ def test_metrics_writer_appends_without_tensorboard(tmp_path):
         writer = MetricsWriter(tmp_path, enable_tensorboard=False)
         writer.write(step, {"loss": 1.0})
         writer.close()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert not (tmp_path / "tensorboard").exists()
 
 

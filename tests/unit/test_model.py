@@ -7,17 +7,16 @@ import torch.nn.functional as F
 
 from internlm.model import attention
 from internlm.model.attention import cu_seqlens, packed_attention, plan_attention, resolve_backend
-from internlm.model.internlm import InternLM, Kernels, ModelArgs, init_full_tensor
+from internlm.model.internlm import InternLM, Kernels, init_full_tensor
 from internlm.model.ops import apply_rope, dynamic_ntk_base, rope_cos_sin
 from internlm.model.shape import swiglu_hidden_dim
 from internlm.parallelize import init_parameters
+from tests.helpers import tiny_model_args
 
 
 def tiny(**kw):
-    base = dict(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_attention_heads=2,
-                multiple_of=16)
-    base.update(kw)
-    return ModelArgs(**base)
+    """The tiny model with 2 layers and an odd vocabulary (97: no size coincides with another)."""
+    return tiny_model_args(**{"vocab_size": 97, "num_layers": 2, "multiple_of": 16, **kw})
 
 
 def build(args, kernels=None, seed=3):

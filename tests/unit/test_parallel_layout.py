@@ -1,27 +1,20 @@
 """The parallel layout without launching processes: rank coordinates and process groups
-(internlm/parallel_dims.py), pipeline stage placement and layer split (internlm/pipeline.py), and the
-layout errors train.py reports before any process group work starts (called in-process, and once
-through the real command line)."""
+(internlm/parallel_dims.py) and the layout errors train.py reports before any process group work starts
+(called in-process, and once through the real command line). The pipeline's stage placement and
+layer split are in test_pipeline.py."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import train  # the entry point at the repository root, called in-process for the fast error checks
-from internlm import pipeline as PP
 from internlm.config import load_config
 from internlm.parallel_dims import MESH_DIMS, ParallelDims
-from tests.parallel.harness import TINY_CONFIG
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.helpers import TRAIN, run_python, write_config
 
 # ------------------------------------------------------------------------------------------ rank layout
 
@@ -55,9 +48,7 @@ def test_product_must_equal_world():
 
 def _cfg(*overrides):
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_file = Path(tmp) / "tiny.py"
-        cfg_file.write_text(TINY_CONFIG)
-        return load_config(cfg_file, overrides)
+        return load_config(write_config(Path(tmp)), overrides)
 
 
 @pytest.mark.parametrize("zero1, world, tp, pp, want", [
@@ -108,49 +99,6 @@ def test_mesh_groups_match_coords():
             dist.destroy_process_group()
 
 
-# ------------------------------------------------------------------------------------------- pipeline
-
-@pytest.mark.parametrize("pp, chunks, mode, want", [
-    (2, 1, "1f1b", [[0], [1]]),
-    (2, 2, "1f1b", [[0, 2], [1, 3]]),  # interleaved: looped placement
-    (4, 2, "zbh1", [[0, 4], [1, 5], [2, 6], [3, 7]]),
-    (2, 2, "zbv", [[0, 3], [1, 2]]),  # V shape: the first and the last stage on rank 0
-    (4, 2, "zbv", [[0, 7], [1, 6], [2, 5], [3, 4]]),
-])
-def test_stage_ids_of_rank(pp, chunks, mode, want):
-    got = [PP.stage_ids_of_rank(r, pp, chunks, mode) for r in range(pp)]
-    assert got == want
-    assert sorted(itertools.chain(*got)) == list(range(pp * chunks))  # every stage on exactly one rank
-
-
-@pytest.mark.parametrize("num_layers, num_stages", [(4, 2), (4, 4), (8, 4), (5, 2), (7, 3), (32, 8)])
-def test_layer_range_covers_every_layer_once_in_order(num_layers, num_stages):
-    ranges = [PP.layer_range(s, num_stages, num_layers) for s in range(num_stages)]
-    assert list(itertools.chain(*ranges)) == list(range(num_layers))
-    sizes = [len(r) for r in ranges]
-    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-
-
-def test_layer_range_examples():
-    assert PP.layer_range(0, 4, 8) == range(0, 2) and PP.layer_range(3, 4, 8) == range(6, 8)
-    assert PP.layer_range(0, 2, 5) == range(0, 3) and PP.layer_range(1, 2, 5) == range(3, 5)
-
-
-def test_build_stage_module_keeps_global_names():
-    from internlm.model.internlm import InternLM, ModelArgs
-
-    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32)
-    with torch.device("meta"):
-        full = InternLM(args)
-    stages = [PP.build_stage_module(full, s, 4) for s in range(4)]
-    assert [list(s.layers.keys()) for s in stages] == [["0"], ["1"], ["2"], ["3"]]
-    assert stages[0].tok_embeddings is not None and stages[0].output is None and stages[0].norm is None
-    assert stages[3].tok_embeddings is None and stages[3].output is not None and stages[3].norm is not None
-    names = set(itertools.chain(*(dict(s.named_parameters()).keys() for s in stages)))
-    assert names == set(dict(full.named_parameters()).keys())  # the union is the whole model, names unchanged
-
-
 # ----------------------------------------------------------------- layout errors (world-independent)
 
 LAYOUT_ERRORS = [
@@ -170,9 +118,7 @@ LAYOUT_ERRORS = [
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("layout_errors") / "tiny.py"
-    path.write_text(TINY_CONFIG)
-    return path
+    return write_config(tmp_path_factory.mktemp("layout_errors"))
 
 
 @pytest.mark.parametrize("overrides, message", LAYOUT_ERRORS, ids=[" ".join(o) for o, _ in LAYOUT_ERRORS])
@@ -190,8 +136,7 @@ def test_train_rejects_layout_before_launch(overrides, message, tiny_config, tmp
 
 def test_train_cli_layout_error_exit_code(tiny_config, tmp_path):
     """The same through the real command line: a non-zero exit, the key named, no traceback."""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config),
-                           "parallel.tensor.size=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_python([TRAIN, "--config", tiny_config, "parallel.tensor.size=3"], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "parallel.tensor.size=3" in proc.stderr and "model.num_attention_heads" in proc.stderr
     assert "Traceback" not in proc.stderr

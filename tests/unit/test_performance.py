@@ -2,74 +2,28 @@
 and each must really be in effect when selected (kernel report, allocator state, saved memory)."""
 import collections
 import dataclasses
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from internlm.config import AdamConfig
-from internlm.loss import PackedLMLoss, chunked_cross_entropy, make_target
 from internlm.model import ops
 from internlm.model.attention import resolve_upcast
 from internlm.model.internlm import InternLM, Kernels, ModelArgs
 from internlm.optim.hybrid_zero import HybridZeroOptimizer, resolve_adamw_impl
 from internlm.parallelize import apply_activation_checkpointing, init_parameters
 from internlm.perf import resolve_cpu_matmul
-
-# ---- chunked cross entropy ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("chunk_elements", [101, 1000, 10**6])  # one row per block, several, all rows
-def test_chunked_cross_entropy_matches_torch(dtype, smoothing, chunk_elements):
-    gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(37, 101, generator=gen) * 3).to(dtype).requires_grad_()
-    labels = torch.randint(0, 101, (37,), generator=gen)
-    labels[[3, 10, 36]] = -100
-    weights = torch.randn(37, generator=gen)
-    ours = chunked_cross_entropy(logits, labels, label_smoothing=smoothing, chunk_elements=chunk_elements)
-    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
-    ref = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=smoothing)
-    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
-    assert ours.dtype == torch.float32 and g_ours.dtype == dtype
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    assert bool((ours[[3, 10, 36]] == 0).all())
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(g_ours, g_ref.to(dtype), **tol)
-    assert bool((g_ours[[3, 10, 36]] == 0).all())
-
-
-def test_packed_loss_kernels_agree():
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(1, 50, 64, generator=gen, requires_grad=True)
-    labels = torch.randint(0, 64, (1, 50), generator=gen)
-    labels[0, :5] = -100
-    target = make_target(labels, torch.randint(0, 3, (1, 50), generator=gen))
-    losses, grads = {}, {}
-    for kernel in ("chunked", "torch"):
-        fn = PackedLMLoss(3, kernel=kernel)
-        losses[kernel] = fn(logits, target)
-        (grads[kernel],) = torch.autograd.grad(losses[kernel], logits)
-        assert fn.uses_chunked(logits) == (kernel == "chunked")
-    torch.testing.assert_close(losses["chunked"], losses["torch"])
-    torch.testing.assert_close(grads["chunked"], grads["torch"])
-    with pytest.raises(ValueError, match="loss kernel must be one of"):
-        PackedLMLoss(1, kernel="flash")
-
+from tests.helpers import run_python, tiny_model_args
 
 # ---- attention computed in fp32 from bf16 inputs -------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask", "sdpa_loop"])
 def test_attention_upcast_runs_sdpa_in_fp32_under_autocast(backend):
-    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32)
-    model = InternLM(args, Kernels(attn_backend=backend))
+    model = InternLM(tiny_model_args(num_layers=1), Kernels(attn_backend=backend))
     init_parameters(model, torch.device("cpu"), seed=5)
     tokens = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(24), torch.arange(40)])[None]
@@ -213,9 +167,7 @@ class _CountOps(TorchDispatchMode):
 
 def _backward_ops_and_grads(policy):
     """Operators run during backward (recomputation included) and the gradients."""
-    args = ModelArgs(vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_attention_heads=2,
-                     multiple_of=32)
-    model = InternLM(args)
+    model = InternLM(tiny_model_args(num_layers=2))
     init_parameters(model, torch.device("cpu"), seed=3)
     if policy:
         assert apply_activation_checkpointing(model, True, policy) == 2
@@ -271,8 +223,7 @@ _MALLOC_PROBE = textwrap.dedent("""
 def test_cpu_malloc_tuning_keeps_big_blocks_in_the_heap():
     results = {}
     for mode in ("on", "off"):
-        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True,
-                              timeout=120)
+        proc = run_python(["-c", _MALLOC_PROBE, mode], timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         state, numbers = proc.stdout.strip().splitlines()[-2:]
         mapped, kept_free = map(int, numbers.split())

@@ -1,19 +1,18 @@
-"""The .bin/.bin.meta format, its error messages, and tools/tokenizer.py + tools/train_tokenizer.py."""
+"""The .bin/.bin.meta format, its error messages, and tools/tokenizer.py + tools/train_tokenizer.py
+(the `spm_model` fixture of tests/conftest.py is trained through the latter)."""
 
 import copy
 import importlib
 import json
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from internlm.data.tokenized import DataFormatError, TokenizedFile, TokenizedFolder, write_bin
+from tests.helpers import ROOT, run_python
 
-REPO = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
 
 
 def _load_tool(name):
@@ -183,24 +182,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-    """A small tokenizer trained through the CLI on a bit of the standard library."""
-    tmp = tmp_path_factory.mktemp("spm")
-    src = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tmp / "corpus.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for name in ("textwrap.py", "string.py", "bisect.py", "heapq.py"):
-            f.write(json.dumps({"text": (src / name).read_text(encoding="utf-8")}) + "\n")
-    proc = subprocess.run(
-        [sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--model_prefix", str(tmp / "tok"),
-         "--vocab_size", "600"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "tok.model"
-
-
 def _expected(sp, texts):
     return [[sp.bos_id(), *sp.encode(t), sp.eos_id()] for t in texts]
 
@@ -212,11 +193,8 @@ def test_tokenizer_cli_txt(tmp_path, spm_model):
     txt = tmp_path / "in.txt"
     txt.write_text("first line\n\nsecond   line\twith tab\n   third\n", encoding="utf-8")
     out = tmp_path / "out" / "en" / "in.bin"
-    proc = subprocess.run(
-        [sys.executable, "tools/tokenizer.py", "--text_input_path", str(txt), "--bin_output_path", str(out),
-         "--tokenizer_path", str(spm_model)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_python([TOOLS / "tokenizer.py", "--text_input_path", txt, "--bin_output_path", out,
+                       "--tokenizer_path", spm_model], timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = TokenizedFile(out)
     lines = ["first line", "second   line\twith tab", "   third"]  # blank line skipped
@@ -249,8 +227,7 @@ def test_tokenize_file_jsonl_json_and_workers(tmp_path, spm_model):
 
 def test_tokenizer_cli_errors(tmp_path, spm_model):
     def run(*args):
-        return subprocess.run([sys.executable, "tools/tokenizer.py", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+        return run_python([TOOLS / "tokenizer.py", *args], timeout=120)
 
     proc = run("--text_input_path", str(tmp_path / "missing.txt"), "--bin_output_path", str(tmp_path / "o.bin"),
                "--tokenizer_path", str(spm_model))
