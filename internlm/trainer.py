@@ -13,6 +13,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from internlm import builders, metrics, pipeline
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml, torch_dtype, validate
+from internlm.divergence import DivergenceGuard
 from internlm.errors import phase
 from internlm.launch import launch, seed_everything
 from internlm.log import LOG_LINE, logger, setup_logging
@@ -59,6 +60,8 @@ class Trainer:
         logger.info("kernels: " + ", ".join(f"{k}={v}" for k, v in self.kernels.items()))
         self.writer = metrics.MetricsWriter(self.run_folder) if self.is_logging_rank else None
         self.state = TrainState()
+        self.guard = DivergenceGuard(cfg.hybrid_zero_optimizer.max_skipped_steps, cfg.monitor.loss_spike_factor,
+                                     cfg.monitor.loss_spike_window)
         # MFU against the peak of the GEMM the model runs (fp32 under model.cpu_matmul="fp32")
         gemm_dtype = torch.float32 if self.model_kernels.cpu_fp32_gemm else self.dtype
         self.peak_flops = metrics.device_peak_tflops(self.device, gemm_dtype, cfg.monitor.peak_tflops) * 1e12
@@ -203,12 +206,14 @@ class Trainer:
         step_time = time.perf_counter() - t0
         self.state.step += 1
         self.state.consumed_tokens += self.global_tokens_per_step
-        return self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
+        m = self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
+        m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
+        return m
 
     def _step_metrics(self, loss, type_loss, grad_norm, lr, step_time, stepped) -> dict:
         speed = metrics.step_throughput(self.model_args, self.cfg.model, tokens=self.global_tokens_per_step,
-                                  step_time_s=step_time, world_size=self.world_size, seq_len=self.cfg.data.seq_len,
-                                  peak_flops=self.peak_flops)
+                                        step_time_s=step_time, world_size=self.world_size,
+                                        seq_len=self.cfg.data.seq_len, peak_flops=self.peak_flops)
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tgs=speed["tgs"], tflops=speed["tflops"],
                     mfu=speed["mfu"], num_consumed_tokens=self.consumed_tokens, loss_scale=self.optimizer.loss_scale,
                     inf_nan_skip_batches=self.optimizer.skipped_steps, type_loss=type_loss,

@@ -192,12 +192,19 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint folder, marker first, so that a crash half way leaves an incomplete one."""
+    """Delete a checkpoint folder: marker first, then renamed to `<name>.old-prune` (one atomic step
+    out of the candidates) and deleted; a crash half way leaves a leftover that the next start removes
+    (`stale_folders`), never an incomplete step folder."""
     marker = path / MARKER
     if marker.exists():
         marker.unlink()
         fsync_dir(path)
-    shutil.rmtree(path, ignore_errors=True)
+    doomed = path.with_name(f"{path.name}.old-prune")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def commit(tmp: Path, final: Path, token: str, step: int) -> None:

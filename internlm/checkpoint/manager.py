@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from internlm.checkpoint import layout
+from internlm.checkpoint import layout, verify
 from internlm.checkpoint import state as tensors
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml
+from internlm.divergence import check_finite
 from internlm.errors import ConversionError
 from internlm.log import logger
 
@@ -102,7 +103,17 @@ class CheckpointManager:
         if info["ckpt_type"] == "hf":
             self._load_hf(info["path"])
             return
-        found = layout.check_checkpoint(info["path"], allow_model_only=True)  # every rank: an error naming the path
+        # rank 0 reads every byte against the manifest; every rank raises the same error naming the file
+        problem = None
+        if self.rank == 0:
+            try:
+                verify.check(info["path"], allow_model_only=True, deep=True)
+            except CheckpointError as exc:
+                problem = str(exc)
+        problem = self._broadcast(problem)
+        if problem:
+            raise CheckpointError(problem)
+        found = verify.check(info["path"], allow_model_only=True)
         content = set(info["content"])
         if found.model_only and content != {"model"}:
             raise CheckpointError(f"checkpoint {found.path} holds model weights only (no train state): load it "
@@ -110,18 +121,15 @@ class CheckpointManager:
         self.load(found, content)
 
     def _find_latest(self) -> str | None:
-        def check(p):
-            info = layout.check_checkpoint(p)
-            try:
-                dcp.FileSystemReader(str(p)).read_metadata()
-            except Exception as exc:  # noqa: BLE001 - unreadable metadata means a corrupt checkpoint
-                raise CheckpointError(f"checkpoint {p} is corrupt: its DCP metadata cannot be read "
-                                      f"({type(exc).__name__})") from None
-            return info
-
-        best, skipped = layout.find_latest(self.folder, check)
+        """Rank 0: the newest checkpoint that passes every check (sizes, checksums, safe metadata). A
+        complete checkpoint that fails is moved aside, so that its step can be saved again."""
+        best, skipped = verify.find_latest(self.folder, deep=True)
         for p, why in skipped:
-            logger.warning("auto_resume skips %s: %s", p, why)
+            if (p / layout.MARKER).is_file():
+                moved = verify.move_aside(p, why)
+                logger.warning(f"auto_resume skips {p}: {why}; moved it to {moved}")
+            else:
+                logger.warning(f"auto_resume skips {p}: {why}")
         return str(best.path) if best else None
 
     def _load_hf(self, path) -> None:
@@ -166,7 +174,7 @@ class CheckpointManager:
         if everything:
             rng = path / layout.rng_file(self.rank)
             if meta.get("world_size") == self.world_size and rng.is_file():
-                tensors.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), self.device)
+                tensors.set_rng_state(tensors.load_rng_file(rng), self.device)
                 loaded.append("rng")
         if self.rank == 0:
             lay = meta.get("layout", {})
@@ -253,6 +261,7 @@ class CheckpointManager:
                     logger.warning("checkpoint %s already exists and is complete; not overwriting it", final)
                 self.last_saved_step = step
                 return None
+        check_finite(self.model_parts, self.device, f"save step {step}")  # never a checkpoint of NaN weights
         tmp = layout.tmp_path(final, self.token)
         t0 = time.perf_counter()
         (tmp / layout.RNG_DIR).mkdir(parents=True, exist_ok=True)
@@ -266,7 +275,14 @@ class CheckpointManager:
             self._pending = (future, tmp, final, step, what, t0)
             return final
         dcp.save(state, checkpoint_id=str(tmp))
-        self._publish(tmp, final, step, what, t0)
+        # every rank hashes the files it wrote, at once; rank 0 writes the manifest before the marker
+        h0 = time.perf_counter()
+        entries = verify.hash_files(tmp, verify.rank_files(tmp, self.rank))
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, entries)
+            entries = {k: v for part in gathered for k, v in part.items()}
+        self._publish(tmp, final, step, what, t0, entries, time.perf_counter() - h0)
         if self.world_size > 1:
             dist.barrier()  # every rank returns with the checkpoint complete
         return final
@@ -291,17 +307,23 @@ class CheckpointManager:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job_name": self.cfg.JOB_NAME,
         })
 
-    def _publish(self, tmp: Path, final: Path, step: int, what: str, t0: float) -> None:
-        """Rank 0 only acts: rename the fully written tmp folder, write the marker, prune."""
+    def _publish(self, tmp: Path, final: Path, step: int, what: str, t0: float, entries: dict | None = None,
+                 hash_seconds: float = 0.0) -> None:
+        """Rank 0 only acts: write the manifest (hashing what no rank hashed), rename the fully written
+        tmp folder, write the marker, prune."""
         if self.rank != 0:
             return
         hook = os.environ.get(SLOW_SAVE_ENV, "")
         if hook and int(hook.split(":")[0]) == step:
             time.sleep(float(hook.split(":")[1]))
+        h0 = time.perf_counter()
+        verify.write_manifest(tmp, entries or {}, hash_seconds)
+        hash_seconds += time.perf_counter() - h0
         layout.commit(tmp, final, self.token, step)
         pruned = layout.prune(self.folder, self.keep_last, protect=final) if what == "checkpoint" else []
-        logger.info(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s"
-             + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
+        logger.info(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s "
+                    f"(checksums {hash_seconds:.2f}s)"
+                    + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
 
     def _poll_async(self) -> None:
         if self._pending is not None and self._future(self._pending[0]).done():

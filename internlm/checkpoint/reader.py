@@ -14,13 +14,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from internlm.checkpoint import layout
-from internlm.checkpoint.state import MODEL_PREFIX
+from internlm.checkpoint import layout, safe_dcp
+from internlm.checkpoint.state import MODEL_PREFIX, load_tensors
 from internlm.errors import ConversionError
 from internlm.model.internlm import canonical_name
 
@@ -85,7 +83,7 @@ class DCPSource:
         from internlm.builders import model_args
 
         self.args = model_args(self.cfg)
-        metadata = FileSystemReader(str(self.path)).read_metadata()
+        metadata = safe_dcp.read_metadata(self.path)
         self.entries = {k[len(MODEL_PREFIX):]: v for k, v in metadata.state_dict_metadata.items()
                         if k.startswith(MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
         if not self.entries:
@@ -112,7 +110,7 @@ class DCPSource:
                                   f"{tuple(meta.size)}, expected {tuple(shape)}.")
         out = {MODEL_PREFIX + name: torch.empty(meta.size, dtype=meta.properties.dtype)}
         with quiet_dcp():
-            dcp.load(out, checkpoint_id=str(self.path), no_dist=True)
+            load_tensors(out, self.path, no_dist=True)
         return out[MODEL_PREFIX + name]
 
 

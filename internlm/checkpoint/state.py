@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from internlm.checkpoint import safe_dcp
 from internlm.checkpoint.layout import CheckpointError
 
 MODEL_PREFIX = "model."
@@ -61,17 +63,20 @@ def check_keys(path, wanted: dict) -> None:
     rank finds a problem, every rank raises it (so no rank is left waiting in a collective)."""
     problem = None
     try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as exc:  # noqa: BLE001 - any failure here means the checkpoint is unreadable
-        problem = f"checkpoint {path} is corrupt: its DCP metadata cannot be read ({type(exc).__name__}: {exc})"
-        saved = {}
+        saved = safe_dcp.read_metadata(path).state_dict_metadata
+    except CheckpointError as exc:
+        problem, saved = str(exc), {}
     if problem is None:
         missing = [k for k in wanted if k not in saved]
+        not_tensors = [k for k in wanted if k in saved and not isinstance(saved[k], TensorStorageMetadata)]
+        if not_tensors:
+            problem = (f"checkpoint {path} stores {not_tensors[0]!r} as a pickled object, not a tensor; refusing "
+                       f"to load it")
         # a DTensor's shape is its full logical shape, as the checkpoint records it
         shapes = [f"{k}: saved {list(saved[k].size)}, model {list(v.shape)}" for k, v in wanted.items()
                   if k in saved and isinstance(saved[k], TensorStorageMetadata)
                   and tuple(saved[k].size) != tuple(v.shape)]
-        if missing or shapes:
+        if problem is None and (missing or shapes):
             parts = []
             if missing:
                 parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
@@ -86,12 +91,30 @@ def check_keys(path, wanted: dict) -> None:
         raise CheckpointError(problem)
 
 
+def load_tensors(flat: dict, path, no_dist: bool = False) -> None:
+    """dcp.load of tensors only, metadata read safely (safe_dcp); a failure names the checkpoint."""
+    try:
+        dcp.load(flat, storage_reader=safe_dcp.SafeReader(str(path)), planner=safe_dcp.TensorOnlyPlanner(),
+                 no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP wraps per-rank failures
+        inner = [f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()]
+        inner = [e for e in inner if isinstance(e, BaseException)]
+        if inner and isinstance(inner[0], CheckpointError):
+            raise inner[0] from None
+        exc = inner[0] if inner else exc
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} is corrupt: reading its tensors failed "
+                              f"({type(exc).__name__}: {first[0] if first else ''})") from None
+
+
 def load_model(parts, path) -> int:
     """Load `model.<fqn>` into the parts (any layout: DCP reshards). Returns the number of tensors."""
     per_part = model_state(parts)
     flat = {k: v for sd in per_part for k, v in sd.items()}
     check_keys(path, flat)
-    dcp.load(flat, checkpoint_id=str(path))
+    load_tensors(flat, path)
     for part, sd in zip(parts, per_part):
         set_model_state_dict(part, {k[len(MODEL_PREFIX):]: flat[k] for k in sd})
     return len(flat)
@@ -104,7 +127,7 @@ def load_optimizer(parts, optimizers, path) -> int:
     for sd in templates:
         flat.update(optimizer_tensors(sd))
     check_keys(path, flat)
-    dcp.load(flat, checkpoint_id=str(path))
+    load_tensors(flat, path)
     for part, opt, sd in zip(parts, optimizers, templates):
         for k in list(sd):
             if k.startswith("state."):
@@ -129,6 +152,15 @@ def rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
+
+
+def load_rng_file(path) -> dict:
+    """One rank's RNG file, read with torch.load(weights_only=True); a failure names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage or a planted pickle
+        raise CheckpointError(f"cannot read the RNG state {path}: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:

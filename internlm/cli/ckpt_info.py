@@ -1,4 +1,5 @@
-"""Describe a training checkpoint without a process group (reads meta.json, state.json, config.yaml).
+"""Describe a training checkpoint without a process group (reads meta.json, state.json, config.yaml, and
+checks the DCP metadata as a resuming run does: what it lists as usable is what auto-resume would take).
 
     python tools/ckpt_info.py runs/demo/ckpt/300        # one checkpoint
     python tools/ckpt_info.py runs/demo/ckpt            # a save folder: every checkpoint, newest usable marked
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from internlm.checkpoint import layout
+from internlm.checkpoint import layout, verify
 
 
 def _config(path: Path) -> dict:
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     path = Path(args.dir)
     try:
-        info = layout.check_checkpoint(path, allow_model_only=True)
+        info = verify.check(path, allow_model_only=True, deep=True)
     except layout.CheckpointError as exc:
         candidates = layout.candidate_folders(path) if not (path / layout.META).is_file() else []
         if not candidates:
@@ -85,11 +86,11 @@ def main(argv=None) -> int:
 
 
 def list_folder(folder: Path) -> int:
-    best, skipped = layout.find_latest(folder)
+    best, skipped = verify.find_latest(folder, deep=True)
     usable = []
     for path in layout.candidate_folders(folder):
         try:
-            usable.append(layout.check_checkpoint(path))
+            usable.append(verify.check(path, deep=True))
         except layout.CheckpointError:
             pass
     print(f"save folder: {folder}")

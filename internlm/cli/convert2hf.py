@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from internlm.config import ConfigError, torch_dtype
-    from internlm.errors import ConversionError
+    from internlm.config import torch_dtype
+    from internlm.errors import UserError
     from internlm.hf.export import export_ckpt_to_hf
 
     try:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         report = export_ckpt_to_hf(args.src, args.tgt, target=args.model_type, dtype=dtype,
                                    max_shard=args.max_shard, tokenizer=args.tokenizer,
                                    progress=not args.no_progress)
-    except (ConversionError, ConfigError) as exc:
+    except UserError as exc:  # config, checkpoint, conversion: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {report.out_dir}: {report.model_type} as transformers '{report.target}', {report.dtype}, "

@@ -26,14 +26,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from internlm.config import ConfigError, torch_dtype
-    from internlm.errors import ConversionError
+    from internlm.config import torch_dtype
+    from internlm.errors import UserError
     from internlm.hf.importer import import_hf_to_ckpt
 
     try:
         info = import_hf_to_ckpt(args.src, args.tgt, config_out=args.config, dtype=torch_dtype(args.dtype),
                                  progress=not args.no_progress)
-    except (ConversionError, ConfigError) as exc:
+    except UserError as exc:  # config, checkpoint, conversion: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {info['ckpt_dir']}: {info['model_type']}, {info['num_params'] / 1e6:.2f}M parameters, "

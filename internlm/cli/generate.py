@@ -16,7 +16,7 @@ def find_tokenizer(ckpt: str, given: str | None) -> str | None:
     if given:
         return given
     from internlm.checkpoint.reader import read_ckpt_config, resolve_ckpt_dir
-    from internlm.errors import ConversionError
+    from internlm.errors import UserError
     from internlm.hf.tokenizer_files import find_tokenizer as tokenizer_of_config
     from internlm.hf.weights import is_hf_dir
 
@@ -26,7 +26,7 @@ def find_tokenizer(ckpt: str, given: str | None) -> str | None:
     if not is_hf_dir(path):
         try:
             return tokenizer_of_config(read_ckpt_config(resolve_ckpt_dir(path)))
-        except ConversionError:
+        except UserError:  # no readable config: no tokenizer to find
             return None
     return None
 
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     import sentencepiece as spm
     import torch
 
-    from internlm.config import ConfigError, torch_dtype
-    from internlm.errors import ConversionError
+    from internlm.config import torch_dtype
+    from internlm.errors import UserError
     from internlm.inference import generate, load_model
 
     tok_path = find_tokenizer(args.ckpt, args.tokenizer)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     sp = spm.SentencePieceProcessor(model_file=tok_path)
     try:
         model = load_model(args.ckpt, device=args.device, dtype=torch_dtype(args.dtype))
-    except (ConversionError, ConfigError) as exc:
+    except UserError as exc:  # config, checkpoint, conversion: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)

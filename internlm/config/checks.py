@@ -5,6 +5,7 @@ Each check takes the dotted path (for the message) and the value, and returns th
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from internlm.errors import UserError
@@ -43,6 +44,8 @@ def check_kind(path: str, kind: str, value, optional: bool = False):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{path}' must be a number, got {show(value)}.")
         value = float(value)
+        if not math.isfinite(value):  # 1e309 reads as inf: a run with it trains NaN
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}.")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{path}' must be True or False, got {show(value)}.")

@@ -249,6 +249,9 @@ def apply_override(raw: dict, override: str) -> None:
 def _exec_python(path: Path) -> dict:
     try:
         namespace = runpy.run_path(str(path), run_name="__internlm_config__")
+    except SystemExit as exc:  # a config that exits must not end the run "successfully" with nothing done
+        raise ConfigError(f"config file {path} called sys.exit({exc.code!r}) while being read; a config only "
+                          f"assigns values.") from None
     except SyntaxError as exc:
         raise ConfigError(f"syntax error in config file {path} at line {exc.lineno}: {exc.msg}.") from None
     except Exception as exc:  # trusted user code; report where it failed, not a traceback

@@ -155,6 +155,8 @@ class HybridZeroConfig:
     overlap_sync_grad: bool = key(True, "overlap communication with compute (FSDP2 prefetch)")
     overlap_sync_param: bool = key(False, "overlap parameter all-gathers (FSDP2 prefetch)")
     clip_grad_norm: float | None = key(1.0, "clip the global gradient norm to this (0 or None: no clipping)", ge=0)
+    max_skipped_steps: int = key(10, "stop the run after this many consecutive steps with non-finite gradients",
+                                 ge=1)
     reduce_bucket_size: int = key(512 * 1024 * 1024, "InternEvo's gradient bucket bytes", ge=1,
                                   inert="FSDP2 reduces gradients per transformer block")
 
@@ -273,6 +275,9 @@ class MonitorConfig:
     run_folder: str = key(DERIVED, "metrics.jsonl, TensorBoard events and config.yaml; default runs/<JOB_NAME>")
     log_every: int = key(1, "print a log line every N steps", ge=1)
     peak_tflops: float | None = key(None, "peak TFLOPS per device for MFU (None: known GPU table or measured)", gt=0)
+    loss_spike_factor: float = key(3.0, "warn when a step's loss exceeds this multiple of the recent mean (0: off)",
+                                   ge=0)
+    loss_spike_window: int = key(20, "steps in the recent mean of loss_spike_factor", ge=1)
     alert: dict = key(factory=dict, doc="InternEvo's Feishu alerts", inert="alerts are not sent")
     tensorboard: dict = key(factory=lambda: {"queue_max_length": 10}, doc="InternEvo's TensorBoard queue",
                             inert="TensorBoard events are written by the metrics writer")

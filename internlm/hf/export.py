@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from internlm.checkpoint.reader import DCPSource
+from internlm.errors import ConversionError
 from internlm.hf.mapping import (
     check_expressible,
     default_target,
@@ -27,7 +28,7 @@ from internlm.hf.mapping import (
     to_hf_name,
 )
 from internlm.hf.tokenizer_files import find_tokenizer, write_tokenizer_files
-from internlm.hf.weights import StateDictSource, parse_size, write_safetensors_shards
+from internlm.hf.weights import StateDictSource, parse_size, remove_weight_files, write_safetensors_shards
 from internlm.model.internlm import InternLM, ModelArgs
 
 
@@ -62,9 +63,18 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
     ids = {"bos": 1, "eos": 2, "pad": None}
     if tokenizer:
         ids = write_tokenizer_files(tokenizer, out_dir, args.max_position_embeddings)
-    written = write_safetensors_shards(
-        out_dir, entries, lambda key: source.full_tensor(hf_to_ours[key], expected[hf_to_ours[key]]),
-        dtype, parse_size(max_shard), progress)
+    def finite_tensor(key):
+        tensor = source.full_tensor(hf_to_ours[key], expected[hf_to_ours[key]])
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConversionError(f"tensor {hf_to_ours[key]!r} holds NaN or inf values (the training diverged); "
+                                  f"refusing to export it")
+        return tensor
+
+    try:
+        written = write_safetensors_shards(out_dir, entries, finite_tensor, dtype, parse_size(max_shard), progress)
+    except ConversionError:
+        remove_weight_files(out_dir)  # no half-written export is left behind
+        raise
     config = hf_config_dict(args, target, dtype, ids.get("bos"), ids.get("eos"), ids.get("pad"))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}

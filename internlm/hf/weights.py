@@ -273,7 +273,7 @@ def plan_shards(items: list[tuple[str, int]], max_shard: int) -> list[list[str]]
     return shards
 
 
-def _remove_stale_weights(folder: Path) -> None:
+def remove_weight_files(folder: Path) -> None:
     for p in list(folder.glob("model*.safetensors")) + list(folder.glob("pytorch_model*.bin")):
         p.unlink()
     for name in (INDEX_FILE, BIN_INDEX_FILE):
@@ -288,7 +288,7 @@ def write_safetensors_shards(out_dir, entries: list[tuple[str, torch.Size]], loa
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_weights(out_dir)
+    remove_weight_files(out_dir)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {key: int(torch.Size(shape).numel()) * itemsize for key, shape in entries}
     shards = plan_shards([(k, sizes[k]) for k, _ in entries], max_shard)

@@ -27,8 +27,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")  # DCP warns when used without
 
 
 def fake_ckpt(path: Path, step: int, marker: bool = True, kind: str = "checkpoint") -> Path:
+    """A checkpoint folder with every file a check reads (a real one-tensor DCP checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
     path.mkdir(parents=True)
-    (path / ".metadata").write_bytes(b"dcp")
+    dcp.save({"model.w": torch.zeros(2)}, checkpoint_id=str(path), no_dist=True)
     (path / "meta.json").write_text(json.dumps({
         "format": layout.FORMAT, "step": step, "kind": kind, "tokens_seen": step * 10, "world_size": 2,
         "model_type": "INTERNLM2_PUBLIC", "layout": {"tp": 2, "pp": 1, "dp": 1, "zero1": 1, "num_chunks": 1}}))
