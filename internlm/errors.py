@@ -81,7 +81,17 @@ def _is_collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistBackendError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text or "connection closed" in text)
+    return isinstance(exc, RuntimeError) and any(w in text for w in ("timed out", "timeout", "connection closed",
+                                                                     "connection reset", "broken pipe"))
+
+
+def _collective_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else repr(exc)
+    lowered = text.lower()
+    if any(w in lowered for w in ("connection reset", "connection closed", "broken pipe")):
+        return f"another rank left (connection lost) during {current_phase(exc)}: {first}"
+    return f"collective failed or timed out during {current_phase(exc)}: {first}"
 
 
 def run_guarded(fn) -> int:
@@ -101,9 +111,11 @@ def run_guarded(fn) -> int:
     except RuntimeError as exc:
         if not _is_collective_failure(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        logger.error(f"collective failed or timed out during {current_phase(exc)}: {first}")
+        logger.error(_collective_line(exc))
         return 3
+    except KeyboardInterrupt:
+        logger.error("interrupted (Ctrl-C twice: stopped without saving)")
+        return 130
     finally:
         try:
             shutdown()

@@ -125,6 +125,7 @@ class Trainer:
         cfg = self.cfg
         self.dp_rank, self.dp_size = self.coords["dp"], self.dims.dp
         train_src, valid_src = builders.sources(cfg, self.seed)
+        self._check_data(train_src, valid_src)
         self.type_names = list(train_src.type_names)
         self.train_loader = builders.train_loader(cfg, train_src, self.seed, self.dp_rank, self.dp_size)
         self.valid_batches = builders.valid_batches(cfg, valid_src, self.dp_rank, self.dp_size)
@@ -134,6 +135,28 @@ class Trainer:
             self.schedule, self.stages = pipeline.build_schedule(
                 self.model_parts, self.stage_ids, self.num_stages, self.device, self.mesh["pp"].get_group(),
                 cfg.data.micro_num, self.loss_fn, self.dims.pp_mode, self.dims.num_chunks)
+
+    def _check_data(self, *sources) -> None:
+        """data.check_data: rank 0 verifies every file of the data folders; every rank gets its verdict."""
+        from internlm.data.check import check_folder
+        from internlm.data.tokenized import DataFormatError, TokenizedFolder
+
+        folders = [s for s in sources if isinstance(s, TokenizedFolder)]
+        if not (self.cfg.data.check_data and folders):
+            return
+        verdict = None
+        if self.rank == 0:
+            try:
+                for folder in folders:
+                    logger.info(check_folder(folder, self.cfg.model.vocab_size).line())
+            except DataFormatError as exc:
+                verdict = str(exc)
+        if self.world_size > 1:
+            box = [verdict]
+            dist.broadcast_object_list(box, src=0)
+            verdict = box[0]
+        if verdict:
+            raise DataFormatError(verdict)
 
     # ---- one step ---------------------------------------------------------------------------------
     def _context(self):
@@ -210,10 +233,23 @@ class Trainer:
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 
+    def _honest_peak(self, speed: dict) -> dict:
+        """A measured peak is a best case that contention at start can spoil: when a step beats it, probe
+        again and never keep a peak below what a step achieved (MFU stays at most 100%)."""
+        if speed["mfu"] <= 1.0 or self.cfg.monitor.peak_tflops is not None:
+            return speed
+        achieved = speed["mfu"] * self.peak_flops
+        gemm_dtype = torch.float32 if self.model_kernels.cpu_fp32_gemm else self.dtype
+        probe = metrics.measure_peak_tflops(gemm_dtype, self.device) * 1e12
+        old, self.peak_flops = self.peak_flops, max(probe, achieved)
+        logger.warning(f"a step reached {achieved / 1e12:.3f} TFLOPS, above the matmul peak measured at start "
+                       f"({old / 1e12:.3f}, a busy machine?); MFU now uses {self.peak_flops / 1e12:.3f}")
+        return {**speed, "mfu": speed["mfu"] * old / self.peak_flops}
+
     def _step_metrics(self, loss, type_loss, grad_norm, lr, step_time, stepped) -> dict:
-        speed = metrics.step_throughput(self.model_args, self.cfg.model, tokens=self.global_tokens_per_step,
-                                        step_time_s=step_time, world_size=self.world_size,
-                                        seq_len=self.cfg.data.seq_len, peak_flops=self.peak_flops)
+        speed = self._honest_peak(metrics.step_throughput(
+            self.model_args, self.cfg.model, tokens=self.global_tokens_per_step, step_time_s=step_time,
+            world_size=self.world_size, seq_len=self.cfg.data.seq_len, peak_flops=self.peak_flops))
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tgs=speed["tgs"], tflops=speed["tflops"],
                     mfu=speed["mfu"], num_consumed_tokens=self.consumed_tokens, loss_scale=self.optimizer.loss_scale,
                     inf_nan_skip_batches=self.optimizer.skipped_steps, type_loss=type_loss,

@@ -7,8 +7,10 @@ renames, marks and deletes folders; every rank writes its own shards and RNG fil
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from internlm.checkpoint import layout, verify
 from internlm.checkpoint import state as tensors
@@ -25,12 +28,28 @@ from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.train_state import TrainState
 from internlm.config import dump_yaml
 from internlm.divergence import check_finite
-from internlm.errors import ConversionError
+from internlm.errors import ConversionError, phase
 from internlm.log import logger
 
 ALL_CONTENT = frozenset({"model", "optimizer", "scheduler", "sampler", "all"})
 # test hook: "STEP:SECONDS" makes rank 0 sleep between writing step STEP and publishing it
 SLOW_SAVE_ENV = "INTERNLM_CKPT_TEST_SLOW_SAVE"
+
+
+def storage_problem(exc: BaseException, folder) -> str | None:
+    """'no space left on the device' or 'read-only file system' ... when `exc` (or an exception DCP
+    wrapped) comes from the storage, else None. torch.save on a full disk says only "unexpected pos"."""
+    inner = [exc]
+    for f in getattr(exc, "failures", {}).values():
+        inner.append(f[0] if isinstance(f, tuple) else f)
+    for e in inner:
+        code = getattr(e, "errno", None)
+        if code == errno.ENOSPC or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):
+            free = shutil.disk_usage(folder).free if folder is not None and Path(folder).exists() else 0
+            return f"no space left on the device ({free / 2**20:.0f} MiB free)"
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"{os.strerror(code).lower()} ({getattr(e, 'filename', None) or folder})"
+    return None
 
 
 class CheckpointManager:
@@ -54,11 +73,16 @@ class CheckpointManager:
         self.stop_file = ck.stop_file_path
         self.keep_last = ck.keep_last
         self.last_saved_step = None
+        self.last_complete = None  # the newest step this run saved completely
         self._pending = None  # (future, tmp, final, step, what) of an async save in flight
         self._signal = None
         self._old_handlers = None  # installed by the first after_step, restored by finish
         self._pg = dist.new_group(backend="gloo") if self.async_save and self.world_size > 1 else None
         self.token, self._next_slot = self._agree_on_token_and_slot()
+        if self.enabled and self.folder is not None:
+            problem = self._broadcast(self._check_storage() if self.rank == 0 else None)
+            if problem:
+                raise CheckpointError(problem)
 
     # ---- helpers that every rank runs together ---------------------------------------------------------
     def _broadcast(self, obj):
@@ -86,6 +110,26 @@ class CheckpointManager:
                         steps.append(-1)
                 slot = 0 if steps[0] <= steps[1] else 1  # overwrite the older (or unusable) slot first
         return self._broadcast((token, slot))
+
+    def _check_storage(self) -> str | None:
+        """Rank 0, at start: the save folder can be written, and holds a checkpoint (fp32 weights and two
+        AdamW states per parameter) with room to spare. Found now, not at the first save."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test-{self.token}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"ckpt.save_ckpt_folder={str(self.folder)!r} cannot be written: {exc.strerror or exc}"
+        need = 12 * int(self.run_meta.get("num_params") or 0)
+        free = shutil.disk_usage(self.folder).free
+        if free < need:
+            return (f"ckpt.save_ckpt_folder={str(self.folder)!r} has {free / 2**30:.1f} GiB free, less than one "
+                    f"checkpoint (about {need / 2**30:.1f} GiB); free space or choose another folder")
+        if free < 2 * need:
+            logger.warning(f"{self.folder} has {free / 2**30:.1f} GiB free: room for one checkpoint of about "
+                           f"{need / 2**30:.1f} GiB but not two")
+        return None
 
     # ---- resume ----------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -200,9 +244,19 @@ class CheckpointManager:
             return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signal.Signals(signum).name  # only a flag: the loop acts at the end of the step
+
+    def _on_interrupt(self, signum, frame) -> None:
+        """Ctrl-C: the first press saves and stops like SIGTERM; the second stops at once."""
+        if self._signal == "SIGINT":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._signal = "SIGINT"
+        logger.warning("interrupted: " + ("saving and stopping" if self.enabled else "stopping")
+                       + " at the end of this step (Ctrl-C again to stop now, without saving)")
 
     def _restore_signal_handlers(self) -> None:
         for sig, old in (self._old_handlers or {}).items():
@@ -227,12 +281,15 @@ class CheckpointManager:
         if self._old_handlers is None:  # only while the loop runs: a Trainer used otherwise keeps defaults
             self._install_signal_handlers()
         self._poll_async()
-        reason = self._stop_request()
+        with phase(f"step {step} stop check"):
+            reason = self._stop_request()
         if self.enabled and self.folder is not None:
             if reason or step >= total or step % self.every == 0:
-                self.save(step, "checkpoint")
+                with phase(f"step {step} save"):
+                    self.save(step, "checkpoint")
             elif self.snapshot_every and step % self.snapshot_every == 0:
-                self.save(step, "snapshot")
+                with phase(f"step {step} snapshot"):
+                    self.save(step, "snapshot")
         if reason is None:
             return False
         self.wait()
@@ -246,7 +303,19 @@ class CheckpointManager:
         return True
 
     def save(self, step: int, what: str = "checkpoint") -> Path | None:
-        """Write a checkpoint ("checkpoint": `<folder>/<step>/`, "snapshot": the older snapshot slot)."""
+        """Write a checkpoint ("checkpoint": `<folder>/<step>/`, "snapshot": the older snapshot slot).
+        A full or read-only disk is a CheckpointError naming the path; the previous checkpoint is intact."""
+        try:
+            return self._save(step, what)
+        except (OSError, RuntimeError, CheckpointException) as exc:
+            problem = storage_problem(exc, self.folder)
+            if problem is None:
+                raise
+            last = f"; the last complete checkpoint, {self.folder / str(self.last_complete)}, is intact" \
+                if self.last_complete is not None else ""
+            raise CheckpointError(f"cannot save step {step} in {self.folder}: {problem}{last}") from None
+
+    def _save(self, step: int, what: str) -> Path | None:
         if self.last_saved_step == step:
             return None
         self.wait()  # one save at a time: the previous async save completes (and is published) first
@@ -283,6 +352,8 @@ class CheckpointManager:
             dist.all_gather_object(gathered, entries)
             entries = {k: v for part in gathered for k, v in part.items()}
         self._publish(tmp, final, step, what, t0, entries, time.perf_counter() - h0)
+        if what == "checkpoint":
+            self.last_complete = step
         if self.world_size > 1:
             dist.barrier()  # every rank returns with the checkpoint complete
         return final

@@ -120,6 +120,7 @@ class DataConfig:
     valid_folder: str | None = key(None, "validation folder (None: no validation)")
     tokenizer_path: str | None = key(None, "sentencepiece model, recorded for export and generation")
     dummy_num_samples: int = key(10000, "samples of the generated dummy data", ge=1)
+    check_data: bool = key(True, "verify every .bin/.bin.meta (coverage, counts, token ids < vocab_size) at start")
     shuffle: bool = key(True, "shuffle the sample order each epoch")
     rampup_batch_size: str = key("", "batch-size ramp-up (not supported: must stay empty)", check=checks.empty_string)
     skip_batches: str | None = key("", "InternEvo's batches to skip", inert="no batches are skipped")
