@@ -89,14 +89,31 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def elastic_store(rank: int, world: int, timeout: timedelta):
+    """Under torchrun, a store whose keys are private to this restart attempt (None elsewhere: env://).
+
+    After a worker dies, torchrun restarts the whole group against the same store server. With plain
+    env:// the new processes find the keys of the dead generation (peer addresses, counters) and
+    either connect to a port nobody listens on or wait forever in init_process_group; seen in half of
+    the restarts tested here. A prefix per `TORCHELASTIC_RESTART_COUNT` gives every attempt fresh keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or world == 1:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not agent_hosts_store), timeout=timeout)
+    return dist.PrefixStore(f"internlm/attempt_{attempt}", store)
+
+
 def launch(launcher: str = "torch", port: int | None = None, device: str = "auto",
            timeout_s: int = 1800) -> LaunchInfo:
     rank, world, local_rank = read_env(launcher, port)
     dev = pick_device(device, local_rank)
     backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s),
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                store=elastic_store(rank, world, timeout),
                                 device_id=dev if dev.type == "cuda" else None)
     return LaunchInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
 

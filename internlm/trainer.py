@@ -281,6 +281,15 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, total_steps: int | None = None) -> list[dict]:
+        try:
+            return self._fit(total_steps)
+        except BaseException:
+            # the loop's signal handlers only set a flag: once the loop is gone, a SIGTERM from the
+            # launcher (after another rank failed) must end this process again
+            self.checkpoints.abort()
+            raise
+
+    def _fit(self, total_steps: int | None = None) -> list[dict]:
         cfg = self.cfg
         total = total_steps or cfg.data.total_steps
         valid_every = cfg.data.valid_every

@@ -415,6 +415,11 @@ class CheckpointManager:
         # when rank 0 gets here every rank has written its shards and its RNG file.
         self._publish(tmp, final, step, what, t0)
 
+    def abort(self) -> None:
+        """The loop failed: restore the signal handlers; an async save in flight stays unpublished (its
+        tmp folder is removed at the next start)."""
+        self._restore_signal_handlers()
+
     def finish(self) -> None:
         self.wait()
         if self.world_size > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 
 from tests import launcher
@@ -36,8 +37,8 @@ def test_sigkilled_rank_restarts_and_resumes_like_an_uninterrupted_run(tmp_path)
     cfg = write_config(work, **ELASTIC)
     args = ["--config", str(cfg), f"ckpt.save_ckpt_folder={str(work / 'ckpt')!r}",
             f"monitor.run_folder={str(work / 'run')!r}"]
-    cmd = launcher.command(2, TRAIN, args)
-    cmd[cmd.index("--max_restarts") + 1] = "2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max_restarts", "2", "--monitor_interval", "0.2", str(TRAIN), *args]
     started = launcher.Started(cmd, work, work / "run", clean_env())
     deadline = time.time() + 200
     while time.time() < deadline and not any(r["step"] >= 6 for r in started.records()):
@@ -46,7 +47,8 @@ def test_sigkilled_rank_restarts_and_resumes_like_an_uninterrupted_run(tmp_path)
     assert len(workers) == 2 and started.poll() is None
     os.kill(workers[1], signal.SIGKILL)
     result = started.wait(300)
-    assert result.returncode == 0, result.tail()
+    agent = [line for line in result.stderr.splitlines() if "restart" in line.lower() or "worker group" in line.lower()]
+    assert result.returncode == 0, result.tail() + "\n" + "\n".join(agent)
     assert "resumed from" in result.out
     got: dict[int, float] = {}
     for record in read_metrics(work / "run"):  # after the restart the resumed steps are logged again

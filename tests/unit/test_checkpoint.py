@@ -300,3 +300,19 @@ def test_ckpt_info_exits_2_on_a_folder_that_is_not_a_checkpoint(tmp_path, capsys
     assert "not a complete checkpoint" in capsys.readouterr().err
     fake_ckpt(tmp_path / "2", 2, marker=False)
     assert tool.main([str(tmp_path)]) == 2
+
+
+def test_an_interrupted_prune_leaves_no_step_folder_and_is_cleaned_at_start(tmp_path, monkeypatch):
+    for step in (2, 4, 6):
+        fake_ckpt(tmp_path / str(step), step)
+
+    def crash(path, ignore_errors=False):
+        raise KeyboardInterrupt  # the process dies while deleting
+
+    monkeypatch.setattr(layout.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        layout.prune(tmp_path, keep_last=2, protect=tmp_path / "6")
+    monkeypatch.undo()
+    assert not (tmp_path / "2").exists()  # never an incomplete step folder
+    assert layout.stale_folders(tmp_path) == [tmp_path / "2.old-prune"]  # removed by the next start
+    assert [i.step for i in layout.complete_step_folders(tmp_path)] == [4, 6]
