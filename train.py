@@ -4,7 +4,7 @@ Installed as `internlm-train`; the code is in `internlm/cli/train.py`,
 and `python train.py --help` lists the options."""
 import sys
 
-from internlm.cli.train import main
+from internlm.cli.train import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
