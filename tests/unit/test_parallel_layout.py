@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-import train  # the entry point at the repository root, called in-process for the fast error checks
+from internlm.cli import train  # the command behind train.py, called in-process for the fast error checks
 from internlm.config import load_config
 from internlm.parallel_dims import MESH_DIMS, ParallelDims
 from tests.helpers import TRAIN, run_python, write_config
