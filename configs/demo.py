@@ -58,9 +58,10 @@ parallel = dict(
 )
 
 ckpt = dict(
-    enable_save_ckpt=False,
+    enable_save_ckpt=True,  # the tour exports, inspects and samples the final checkpoint
     save_ckpt_folder="runs/demo/ckpt",
     checkpoint_every=100,
+    keep_last=2,
 )
 
 monitor = dict(log_every=10)

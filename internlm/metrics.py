@@ -39,6 +39,8 @@ __all__ = [
     "peak_memory_bytes",
     "MetricsWriter",
     "format_log_line",
+    "format_duration",
+    "EtaClock",
 ]
 
 
@@ -395,8 +397,36 @@ class MetricsWriter:
         self.close()
 
 
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h07m, 3d04h."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class EtaClock:
+    """Time left: the mean of the last `window` step times times the steps left (the first step, which
+    compiles and warms up, is left out once there are others)."""
+
+    def __init__(self, window: int = 20):
+        self.times: list[float] = []
+        self.window = window
+
+    def update(self, step_time: float, steps_left: int) -> float:
+        self.times.append(step_time)
+        recent = self.times[1:] if len(self.times) > 1 else self.times
+        recent = recent[-self.window:]
+        return sum(recent) / len(recent) * max(0, steps_left)
+
+
 # key -> (name shown, formatter); the order here is the order in the log line
 _LOG_FORMAT: tuple[tuple[str, str, Any], ...] = (
+    ("eta_s", "eta", format_duration),
     ("loss", "loss", lambda v: f"{v:.4f}"),
     ("lr", "lr", lambda v: f"{v:.1e}"),
     ("grad_norm", "grad_norm", lambda v: f"{v:.3f}"),
@@ -426,13 +456,15 @@ def _format_value(value: Any) -> str:
 
 
 def format_log_line(step: int, metrics: Mapping[str, Any]) -> str:
-    """One compact human-readable line: ``step=12 loss=3.2100 lr=1.0e-04 ... mfu=12.3% ...``.
+    """One compact human-readable line: ``step=12/300 eta=1m12s loss=3.2100 lr=1.0e-04 ... mfu=12.3% ...``.
 
-    Known keys come first in a fixed order, then ``type_loss`` entries as ``loss/<type>``, then any other
-    key in insertion order. None values are skipped.
+    ``step/total`` when the metrics hold ``total_steps``; known keys come first in a fixed order, then
+    ``type_loss`` entries as ``loss/<type>``, then any other key in insertion order. None values are
+    skipped.
     """
-    parts = [f"step={step}"]
-    known = set()
+    total = metrics.get("total_steps")
+    parts = [f"step={step}/{total}" if total else f"step={step}"]
+    known = {"total_steps"}
     for key, shown, fmt in _LOG_FORMAT:
         known.add(key)
         value = metrics.get(key)

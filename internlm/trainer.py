@@ -60,6 +60,7 @@ class Trainer:
         logger.info("kernels: " + ", ".join(f"{k}={v}" for k, v in self.kernels.items()))
         self.writer = metrics.MetricsWriter(self.run_folder) if self.is_logging_rank else None
         self.state = TrainState()
+        self.eta = metrics.EtaClock()
         self.guard = DivergenceGuard(cfg.hybrid_zero_optimizer.max_skipped_steps, cfg.monitor.loss_spike_factor,
                                      cfg.monitor.loss_spike_window)
         # MFU against the peak of the GEMM the model runs (fp32 under model.cpu_matmul="fp32")
@@ -299,6 +300,7 @@ class Trainer:
         while self.step < total:
             batch = next(it)
             m = self.train_step(batch)
+            m.update(total_steps=total, eta_s=self.eta.update(m["step_time"], total - self.step))
             if self.valid_batches and valid_every and (self.step % valid_every == 0 or self.step == total):
                 m.update(self.evaluate())
             history.append(m)

@@ -8,6 +8,7 @@ make a save atomic. Plain Python: no torch and no process group, so tools can us
         state.json              train state, schedulers, grad scaler, sampler position
         rng/rank_00000.pt       each rank's RNG states
         config.yaml             the resolved config of the run that saved it
+        tokenizer.model         a copy of data.tokenizer_path (when the run has one)
         meta.json               step, layout, tokens seen, model_type, versions, time
         COMPLETE                written last: a folder without it is never used
       12.tmp-<token>/           a save in progress, or the remains of a crashed one
@@ -32,6 +33,7 @@ MARKER = "COMPLETE"
 META = "meta.json"
 STATE = "state.json"
 CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"  # a copy of the run's data.tokenizer_path, when it has one
 RNG_DIR = "rng"
 DCP_METADATA = ".metadata"
 SNAPSHOT_DIR = "snapshot"

@@ -371,6 +371,9 @@ class CheckpointManager:
         }
         layout.write_json(tmp / layout.STATE, train)
         dump_yaml(self.cfg, tmp / layout.CONFIG)
+        tokenizer = self.cfg.data.tokenizer_path
+        if tokenizer and Path(tokenizer).is_file():  # the checkpoint carries its tokenizer (generate, export)
+            shutil.copyfile(tokenizer, tmp / layout.TOKENIZER)
         layout.write_json(tmp / layout.META, {
             "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "kind": what, "step": step,
             "tokens_seen": ts.consumed_tokens, **self.run_meta, "world_size": self.world_size,

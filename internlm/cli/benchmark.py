@@ -6,7 +6,7 @@ against a Hugging Face transformers training loop of the same model on the same 
     torchrun --nproc_per_node 4 tools/benchmark.py --config configs/demo.py parallel.tensor=2
 
 The trainer runs on generated tokens: data.train_folder/valid_folder are forced to None, validation
-and checkpoint saving off, and the run folder goes to a temporary directory. Figures are those of the
+and checkpoint saving and resuming off, and the run folder goes to a temporary directory. Figures are those of the
 median step (see doc/train_performance.md and doc/metrics.md for the formulas); MFU is against a
 matmul peak measured in the same run for the model's dtype.
 
@@ -24,9 +24,11 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-FORCED = ["data.train_folder=None", "data.valid_folder=None", "data.valid_every=0", "ckpt.enable_save_ckpt=False"]
+FORCED = ["data.train_folder=None", "data.valid_folder=None", "data.valid_every=0", "ckpt.enable_save_ckpt=False",
+          "ckpt.auto_resume=False", "ckpt.load_ckpt_info=None"]  # always a fresh model, never a resume
 
 
 def parse_args(argv=None):
@@ -113,11 +115,15 @@ class _Local:
 
 def _alternate(sides, warmup: int, steps: int, k: int, log) -> dict:
     """Warm-up then measured steps, k at a time per side in turn. Returns name -> measured step records."""
+    from internlm.metrics import EtaClock, format_duration
+
     records = {s.name: [] for s in sides}
+    clock, left = EtaClock(), warmup + steps  # ETA over both phases, all sides, wall-clock per step
     for phase, total in (("warmup", warmup), ("measure", steps)):
         done = 0
         while done < total:
             n = min(k, total - done)
+            t0 = time.monotonic()
             for s in sides:
                 out = s.call("run", n)
                 for i, r in enumerate(out):
@@ -127,6 +133,10 @@ def _alternate(sides, warmup: int, steps: int, k: int, log) -> dict:
                 if phase == "measure":
                     records[s.name].extend(out)
             done += n
+            left -= n
+            eta = clock.update((time.monotonic() - t0) / n, left)
+            log(f"[bench] {warmup + steps - left}/{warmup + steps} steps per side done, "
+                f"eta {format_duration(eta)}")
     if len(sides) == 2:
         a, b = (records[s.name] for s in sides)
         if [r["digest"] for r in a] != [r["digest"] for r in b]:

@@ -25,7 +25,8 @@ def find_tokenizer(ckpt: str, given: str | None) -> str | None:
         return str(path / "tokenizer.model")
     if not is_hf_dir(path):
         try:
-            return tokenizer_of_config(read_ckpt_config(resolve_ckpt_dir(path)))
+            step_dir = resolve_ckpt_dir(path)
+            return tokenizer_of_config(read_ckpt_config(step_dir), step_dir)
         except UserError:  # no readable config: no tokenizer to find
             return None
     return None

@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from internlm.data.text import encode_texts, iter_texts
 from internlm.data.tokenized import DataFormatError, write_bin
+from internlm.progress import progress as show_progress
 
 
 def tokenize_file(
@@ -39,7 +38,7 @@ def tokenize_file(
             raise FileNotFoundError(f"{what} not found: {p}")
     encoded = encode_texts(iter_texts(input_path, text_key), tokenizer_path, workers, add_bos, add_eos)
     if progress:
-        encoded = tqdm(encoded, desc=Path(input_path).name, unit=" samples", mininterval=1.0)
+        encoded = show_progress(encoded, desc=Path(input_path).name, unit="samples")
     return write_bin(output_bin, encoded)
 
 

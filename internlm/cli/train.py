@@ -21,6 +21,10 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default="torch", choices=["torch", "slurm"])
     p.add_argument("--port", type=int, default=None, help="master port (slurm; overrides torchrun's)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and the layout for --world-size processes, print them, exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of processes to check the layout for (default: $WORLD_SIZE or 1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     args = p.parse_intermixed_args(argv)
     if not args.config and not args.config_keys:
@@ -49,10 +53,33 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     from internlm.errors import run_guarded
     from internlm.trainer import Trainer
 
     return run_guarded(lambda: Trainer(cfg, launcher=args.launcher, port=args.port).fit())
+
+
+def dry_run(cfg, world_size: int) -> int:
+    """Validate `cfg` for `world_size` processes without starting anything; one line per fact."""
+    from internlm import builders
+    from internlm.config import ConfigError, validate
+    from internlm.parallel_dims import ParallelDims
+
+    try:
+        validate(cfg, world_size=world_size)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    dims = ParallelDims.from_config(cfg, world_size)
+    args = builders.model_args(cfg)
+    print(f"config OK: {cfg.model_type}, {args.num_params() / 1e6:.2f}M parameters, layout {dims.describe()}, "
+          f"{cfg.data.total_steps} steps of {cfg.data.micro_num} x {cfg.data.micro_bsz} x {cfg.data.seq_len} "
+          f"tokens per data-parallel rank")
+    for notice in cfg.notices:
+        print(f"notice: {notice}")
+    return 0
 
 
 def entry(argv=None) -> int:

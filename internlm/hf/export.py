@@ -105,9 +105,9 @@ def export_ckpt_to_hf(ckpt_dir, out_dir, target: str | None = None, dtype: torch
             notes.append(f"tied embeddings: output.weight differs from tok_embeddings.weight by up to "
                          f"{diff.item():.3g}; the export uses tok_embeddings.weight for both")
     if tokenizer is None:
-        tokenizer = find_tokenizer(source.cfg)
+        tokenizer = find_tokenizer(source.cfg, source.path)
         if tokenizer:
-            notes.append(f"tokenizer from the config's data.tokenizer_path: {tokenizer}")
+            notes.append(f"tokenizer: {tokenizer}")
     report = export_source_to_hf(source, source.args, out_dir, target, dtype, max_shard, tokenizer, progress)
     report.notes += notes
     if not report.tokenizer:

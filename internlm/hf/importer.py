@@ -44,9 +44,9 @@ def import_hf_to_ckpt(hf_dir, ckpt_dir, config_out=None, dtype: torch.dtype = to
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     names = list(tensors)
     if progress:
-        from tqdm import tqdm
+        from internlm.progress import progress as show_progress
 
-        names = tqdm(names, desc="import", unit=" tensors", mininterval=0.5)
+        names = show_progress(names, desc="import", unit="tensors")
     for name in names:
         tensors[name] = tensors[name].to(dtype)
     ckpt_dir = Path(ckpt_dir)

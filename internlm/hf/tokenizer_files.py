@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from internlm.checkpoint import layout
 from internlm.errors import ConversionError
 
 logger = logging.getLogger("internlm")
@@ -85,6 +86,10 @@ def _write_tokenizer_json(out_dir: Path, sp) -> bool:
     return True
 
 
-def find_tokenizer(cfg) -> str | None:
+def find_tokenizer(cfg, ckpt_dir=None) -> str | None:
+    """The tokenizer of a checkpoint: its own copy (`<ckpt>/tokenizer.model`, saved with every
+    checkpoint of a run that has `data.tokenizer_path`), else the config's path if it still exists."""
+    if ckpt_dir is not None and (Path(ckpt_dir) / layout.TOKENIZER).is_file():
+        return str(Path(ckpt_dir) / layout.TOKENIZER)
     path = cfg.data.tokenizer_path if cfg is not None else None
     return path if path and Path(path).is_file() else None

@@ -8,6 +8,7 @@ layer). Each parameter's full tensor is rebuilt from the files and the local sha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -293,24 +294,20 @@ def write_safetensors_shards(out_dir, entries: list[tuple[str, torch.Size]], loa
     sizes = {key: int(torch.Size(shape).numel()) * itemsize for key, shape in entries}
     shards = plan_shards([(k, sizes[k]) for k, _ in entries], max_shard)
     total = sum(sizes.values())
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from internlm.progress import progress_bar
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", mininterval=0.5)
     weight_map = {}
-    for i, keys in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for key in keys:
-            tensors[key] = load(key).to(dtype).contiguous()
-            weight_map[key] = fname
-            if bar is not None:
-                bar.update(sizes[key])
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        del tensors
-    if bar is not None:
-        bar.close()
+    with progress_bar(total, "export", unit="B") if progress else contextlib.nullcontext() as bar:
+        for i, keys in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for key in keys:
+                tensors[key] = load(key).to(dtype).contiguous()
+                weight_map[key] = fname
+                if bar is not None:
+                    bar.update(sizes[key])
+            save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
+            del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return {"shards": len(shards), "total_size": total}

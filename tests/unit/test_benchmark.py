@@ -3,6 +3,7 @@ baseline is the same model as ours (same parameter count; same weights give the 
 gradients on the same batch)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -59,6 +60,9 @@ def test_tool_writes_json(tmp_path):
     assert kernels["activation_checkpointing"] == "off" and kernels["compile"] == "off"
     assert kernels["linear"] == "torch bfloat16 GEMM"
     assert "[bench] ours kernels: linear=torch bfloat16 GEMM, attention=" in stdout
+    # the time left, after each round of steps (1 warm-up + 2 measured)
+    assert re.search(r"\[bench\] 1/3 steps per side done, eta \d", stdout), stdout[-2000:]
+    assert "[bench] 3/3 steps per side done, eta 0s" in stdout
 
 
 def test_tool_reports_each_switch(tmp_path):
