@@ -67,8 +67,18 @@ def sources(cfg: TrainConfig, seed: int):
     from internlm.data.tokenized import TokenizedFolder
 
     train = TokenizedFolder(data.train_folder)
-    valid = TokenizedFolder(data.valid_folder) if data.valid_folder else None
-    return train, valid
+    if not data.valid_folder:
+        return train, None
+    # validation types use the training folder's ids; types only the validation folder has come after
+    valid_types = TokenizedFolder(data.valid_folder).type_names
+    names = list(train.type_names) + [t for t in valid_types if t not in train.type_names]
+    return train, TokenizedFolder(data.valid_folder, type_names=names)
+
+
+def type_names(train_source, valid_source) -> list[str]:
+    """The data types the loss keeps statistics for: the training source's, then any only validation has."""
+    names = list(train_source.type_names)
+    return names + [t for t in (valid_source.type_names if valid_source is not None else []) if t not in names]
 
 
 def train_loader(cfg: TrainConfig, source, seed: int, dp_rank: int = 0, dp_size: int = 1):

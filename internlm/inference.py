@@ -11,6 +11,7 @@ training forward pass, which is what a quick look at a checkpoint needs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -63,9 +64,12 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model: InternLM, input_ids: list[int] | torch.Tensor, max_new_tokens: int = 64, greedy: bool = False,
-             temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0, eos_token_id: int | None = None,
+             temperature: float = 0.8, top_p: float = 0.9, top_k: int = 0,
+             eos_token_id: int | Sequence[int] | None = None,
              generator: torch.Generator | None = None) -> list[int]:
-    """Continue one sequence; returns the new token ids (stops after eos_token_id if given)."""
+    """Continue one sequence; returns the new token ids (stops after eos_token_id, or after any of
+    several stop ids such as eos and <|im_end|>, when given)."""
+    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
     if ids.shape[1] == 0:
@@ -85,7 +89,7 @@ def generate(model: InternLM, input_ids: list[int] | torch.Tensor, max_new_token
                 probs = _filter_top_p(probs, top_p)
             token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
         new.append(token)
-        if eos_token_id is not None and token == eos_token_id:
+        if token in stop:
             break
         ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
     return new

@@ -436,6 +436,7 @@ _LOG_FORMAT: tuple[tuple[str, str, Any], ...] = (
     ("mfu", "mfu", lambda v: f"{100 * v:.1f}%"),
     ("step_time", "step_time", lambda v: f"{v:.3f}s"),
     ("num_consumed_tokens", "tokens", lambda v: f"{v}"),
+    ("num_loss_tokens", "loss_tokens", lambda v: f"{v}"),
     ("inf_nan_skip_batches", "skipped", lambda v: f"{v}"),
     ("peak_memory_bytes", "mem", lambda v: f"{v / 2**30:.2f}GiB"),
     ("valid_loss", "valid_loss", lambda v: f"{v:.4f}"),
@@ -455,6 +456,11 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+# in metrics.jsonl and TensorBoard, not in the log line: the per-step count of tokens with loss (the
+# line shows the running total), and whether the step applied (the line shows skipped steps)
+_NOT_LOGGED = ("loss_tokens", "stepped")
+
+
 def format_log_line(step: int, metrics: Mapping[str, Any]) -> str:
     """One compact human-readable line: ``step=12/300 eta=1m12s loss=3.2100 lr=1.0e-04 ... mfu=12.3% ...``.
 
@@ -464,7 +470,7 @@ def format_log_line(step: int, metrics: Mapping[str, Any]) -> str:
     """
     total = metrics.get("total_steps")
     parts = [f"step={step}/{total}" if total else f"step={step}"]
-    known = {"total_steps"}
+    known = {"total_steps", *_NOT_LOGGED}
     for key, shown, fmt in _LOG_FORMAT:
         known.add(key)
         value = metrics.get(key)

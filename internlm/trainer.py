@@ -127,7 +127,7 @@ class Trainer:
         self.dp_rank, self.dp_size = self.coords["dp"], self.dims.dp
         train_src, valid_src = builders.sources(cfg, self.seed)
         self._check_data(train_src, valid_src)
-        self.type_names = list(train_src.type_names)
+        self.type_names = builders.type_names(train_src, valid_src)
         self.train_loader = builders.train_loader(cfg, train_src, self.seed, self.dp_rank, self.dp_size)
         self.valid_batches = builders.valid_batches(cfg, valid_src, self.dp_rank, self.dp_size)
         self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.label_smoothing, self.device, kernel=cfg.loss.kernel)
@@ -196,8 +196,9 @@ class Trainer:
                 if train:
                     (loss / n_micro).backward()
 
-    def _reduce_losses(self, micro_batches: int) -> tuple[float, dict]:
-        """Mean micro-batch loss of the global batch, and the per-type token-mean losses, on every rank."""
+    def _reduce_losses(self, micro_batches: int) -> tuple[float, dict, int]:
+        """Mean micro-batch loss of the global batch, the per-type token-mean losses and the number of
+        tokens that carried loss, on every rank."""
         lf = self.loss_fn
         holds_loss = (self.num_stages - 1) in self.stage_ids
         stats = (lf.summed(micro_batches) if holds_loss
@@ -208,7 +209,8 @@ class Trainer:
         n = lf.num_types
         type_loss = {name: (stats[2 + i] / stats[2 + n + i]).item()
                      for i, name in enumerate(self.type_names) if stats[2 + n + i] > 0}
-        return loss, type_loss
+        # every tensor-parallel rank of the last stage records the same tokens
+        return loss, type_loss, round(stats[2 + n:].sum().item() / self.dims.tp)
 
     def train_step(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -224,13 +226,15 @@ class Trainer:
             self.lr_scheduler.step()
             self.beta2_scheduler.step()
         with phase(f"step {self.step + 1} loss all-reduce"):
-            loss, type_loss = self._reduce_losses(batch["input_ids"].shape[0])
+            loss, type_loss, loss_tokens = self._reduce_losses(batch["input_ids"].shape[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
         self.state.step += 1
         self.state.consumed_tokens += self.global_tokens_per_step
+        self.state.loss_tokens += loss_tokens
         m = self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
+        m.update(loss_tokens=loss_tokens, num_loss_tokens=self.state.loss_tokens)
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 
@@ -275,7 +279,7 @@ class Trainer:
         for i in range(0, usable, group):
             chunk = {k: torch.cat([b[k] for b in batches[i:i + group]]) for k in batches[i]}
             self._forward_backward(chunk, train=False)
-        loss, type_loss = self._reduce_losses(usable)
+        loss, type_loss, _ = self._reduce_losses(usable)
         for part in self.model_parts:
             part.train()
         return dict(valid_loss=loss, valid_ppl=math.exp(min(loss, 50.0)), valid_type_loss=type_loss)

@@ -58,9 +58,14 @@ def main(argv=None) -> int:
     if not trained:
         print(f"[demo] already trained: {cfg.ckpt.save_ckpt_folder} holds the final checkpoint (remove "
               f"{run_folder} to train again); its run:", flush=True)
-    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = ([json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            if metrics_file.is_file() else [])
     starts = [i for i, r in enumerate(rows) if r["step"] == 1]
     rows = rows[starts[-1]:] if starts else rows  # this run only (metrics.jsonl appends across runs)
+    if not rows:  # resumed a finished checkpoint into a new run folder: nothing trained, nothing logged
+        print(f"[demo] no metrics in {run_folder}: the checkpoint in {cfg.ckpt.save_ckpt_folder} had already "
+              f"reached data.total_steps", flush=True)
+        return 0
     first, last = rows[0], rows[-1]
     valid = [r for r in rows if r.get("valid_loss") is not None]
     print(f"[demo] trained {last['step']} steps in {time.time() - t1:.1f}s: "

@@ -1,10 +1,14 @@
-"""Continue a prompt with a trained model (a training checkpoint or a Hugging Face folder).
+"""Continue a prompt, or chat, with a trained model (a training checkpoint or a Hugging Face folder).
 
     python tools/generate.py --ckpt DIR --prompt "def fib(n):" [--tokenizer tokenizer.model] \
         [--max_new_tokens 64] [--greedy | --top_p 0.9 --temperature 0.8] [--seed 0]
+    python tools/generate.py --ckpt DIR --chat [--prompt "a question"] [--system "..."]
 
-The tokenizer defaults to DIR/tokenizer.model (a HF export) or the checkpoint config's
-data.tokenizer_path. Prints the continuation only. No KV cache: each token re-runs the sequence.
+The tokenizer defaults to DIR/tokenizer.model (a checkpoint's copy or a HF export) or the checkpoint
+config's data.tokenizer_path. Prints the continuation only. With --chat the prompt is a user turn in
+InternLM's chat template and the answer stops at <|im_end|>; without --prompt each line of standard
+input is a user turn of one conversation (an interactive chat on a terminal). No KV cache: each token
+re-runs the sequence.
 """
 
 import argparse
@@ -38,7 +42,9 @@ def main(argv=None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (or root) or Hugging Face folder")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", default=None, help="the text to continue (with --chat: one user turn)")
+    parser.add_argument("--chat", action="store_true", help="chat template; several turns from stdin without --prompt")
+    parser.add_argument("--system", default=None, help="with --chat: a system message first")
     parser.add_argument("--tokenizer", default=None, help="sentencepiece .model")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true")
@@ -49,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
+    if args.prompt is None and not args.chat:
+        parser.error("--prompt is required (or --chat to read turns from standard input)")
 
     import sentencepiece as spm
     import torch
@@ -67,18 +75,59 @@ def main(argv=None) -> int:
     except UserError as exc:  # config, checkpoint, conversion: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ids = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
-    if max(ids, default=0) >= model.args.vocab_size:
-        print(f"error: the tokenizer's ids exceed the model's vocab_size {model.args.vocab_size}", file=sys.stderr)
-        return 2
     gen = torch.Generator().manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, eos_token_id=sp.eos_id() if sp.eos_id() >= 0 else None,
-                   generator=gen)
-    if new and new[-1] == sp.eos_id():
-        new = new[:-1]
-    print(sp.decode(new))
-    return 0
+
+    def complete(ids: list[int], stop: list[int]) -> list[int] | None:
+        if max(ids, default=0) >= model.args.vocab_size:
+            print(f"error: the tokenizer's ids exceed the model's vocab_size {model.args.vocab_size}", file=sys.stderr)
+            return None
+        new = generate(model, ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, eos_token_id=stop, generator=gen)
+        return new[:-1] if new and new[-1] in stop else new
+
+    eos = [sp.eos_id()] if sp.eos_id() >= 0 else []
+    if not args.chat:
+        new = complete(([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt), eos)
+        if new is None:
+            return 2
+        print(sp.decode(new))
+        return 0
+    return _chat(args, sp, tok_path, complete, eos)
+
+
+def _chat(args, sp, tok_path, complete, eos) -> int:
+    from internlm.data.chat import ChatEncoder
+    from internlm.errors import UserError
+
+    try:
+        encoder = ChatEncoder(sp, tok_path)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    turns = [args.prompt] if args.prompt is not None else None
+    interactive = turns is None and sys.stdin.isatty()
+    while True:
+        if turns is not None:
+            if not turns:
+                return 0
+            text = turns.pop(0)
+        else:
+            if interactive:
+                print("user> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+        history.append({"role": "user", "content": text})
+        new = complete(encoder.encode_prompt(history), [encoder.end, *eos])
+        if new is None:
+            return 2
+        answer = sp.decode(new)
+        history.append({"role": "assistant", "content": answer})
+        print(("assistant> " if interactive else "") + answer, flush=True)
 
 
 if __name__ == "__main__":

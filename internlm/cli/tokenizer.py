@@ -1,19 +1,25 @@
-"""Tokenize raw text into InternEvo's X.bin / X.bin.meta format.
+"""Tokenize text, chat or instruction data into InternEvo's X.bin / X.bin.meta format.
 
     python tools/tokenizer.py --text_input_path data.jsonl --bin_output_path out/en/data.bin \
-        --tokenizer_path tokenizer.model [--workers 4] [--text_key text]
+        --tokenizer_path tokenizer.model [--format auto|text|chat|instruction] [--workers 4] [--text_key text]
 
-Samples: each line of a .txt, each record of a .jsonl (the text under --text_key, or a bare string),
-each item of a .json list; blank samples are skipped. Each sample is written as bos + tokens + eos
-(turn either off with --no_add_bos / --no_add_eos). Put outputs in a sub-folder named after the data
-type (en/, code/, ...): that folder name is the sample's type when training.
+Samples: each line of a .txt, each record of a .jsonl, each item of a .json list. The format is taken
+from the first record unless --format names it (doc/finetune.md):
+  text         the text under --text_key (or a bare string): bos + tokens + eos, all with loss
+               (turn bos/eos off with --no_add_bos / --no_add_eos); blank samples are skipped;
+  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}: InternLM's
+               chat template, loss on the assistant turns (content and <|im_end|>) only;
+  instruction  {"instruction", "input", "output"} (alpaca): a user turn and an assistant turn.
+Tokens without loss are stored negative (InternEvo's convention). Put outputs in a sub-folder named
+after the data type (en/, code/, ...): that folder name is the sample's type when training.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from internlm.data.text import encode_texts, iter_texts
+from internlm.data.chat import FORMATS
+from internlm.data.text import encode_records, iter_records
 from internlm.data.tokenized import DataFormatError, write_bin
 from internlm.progress import progress as show_progress
 
@@ -27,6 +33,7 @@ def tokenize_file(
     add_bos: bool = True,
     add_eos: bool = True,
     progress: bool = False,
+    fmt: str = "auto",
 ) -> int:
     """Tokenize `input_path` into `output_bin` (+ .meta); returns the number of samples written.
 
@@ -36,7 +43,7 @@ def tokenize_file(
     for what, p in (("input file", input_path), ("tokenizer", tokenizer_path)):
         if not Path(p).is_file():
             raise FileNotFoundError(f"{what} not found: {p}")
-    encoded = encode_texts(iter_texts(input_path, text_key), tokenizer_path, workers, add_bos, add_eos)
+    encoded = encode_records(iter_records(input_path, fmt, text_key), tokenizer_path, workers, add_bos, add_eos)
     if progress:
         encoded = show_progress(encoded, desc=Path(input_path).name, unit="samples")
     return write_bin(output_bin, encoded)
@@ -51,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bin_output_path", required=True, help="X.bin (X.bin.meta is written next to it)")
     parser.add_argument("--tokenizer_path", required=True, help="sentencepiece .model")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--format", default="auto", choices=FORMATS,
+                        help="auto: from the first record (default)")
     parser.add_argument("--text_key", default="text")
     parser.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--add_eos", action=argparse.BooleanOptionalAction, default=True)
@@ -66,6 +75,7 @@ def main(argv=None) -> int:
             add_bos=args.add_bos,
             add_eos=args.add_eos,
             progress=True,
+            fmt=args.format,
         )
     except (OSError, RuntimeError, DataFormatError, UnicodeDecodeError) as e:
         # OSError covers a missing file; RuntimeError is how sentencepiece reports an unreadable model.

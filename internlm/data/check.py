@@ -5,8 +5,8 @@
 - the meta table covers the .bin exactly: one row per line, in order, contiguous and non-overlapping
   (a meta that lists 10 of 400 lines, or points every row at sample 0, is found here);
 - each row's token count is its line's;
-- every token id is in [0, vocab_size) (negative ids are allowed only when `allow_negative`, the
-  InternEvo convention for tokens that are input but not target).
+- every token id is in [0, vocab_size), or in (-vocab_size, 0) for a masked token (InternEvo's
+  convention for a token that is input but not target; refused when `allow_negative=False`).
 
 Lines written by this framework's tools (`{"tokens":[...]}` and nothing else) are parsed in one pass
 over the bytes; other lines (e.g. with InternEvo's extra "type_id" key) are parsed one by one.
@@ -33,11 +33,13 @@ class FolderSummary:
     tokens: int
     tokens_per_type: dict = field(default_factory=dict)
     seconds: float = 0.0
+    masked: int = 0  # tokens stored negative: input only, never a target
 
     def line(self) -> str:
         types = ", ".join(f"{name} {n:,}" for name, n in self.tokens_per_type.items())
+        masked = f", {self.masked:,} masked (input only)" if self.masked else ""
         return (f"data {self.root}: {self.files} file(s), {self.samples:,} samples, {self.tokens:,} tokens "
-                f"({types}); checked in {self.seconds:.2f}s")
+                f"({types}){masked}; checked in {self.seconds:.2f}s")
 
 
 def _parse_ints(text: bytes) -> np.ndarray:
@@ -52,8 +54,13 @@ def _line_starts(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64), ends
 
 
-def check_file(file: TokenizedFile, vocab_size: int, allow_negative: bool = False) -> int:
+def check_file(file: TokenizedFile, vocab_size: int, allow_negative: bool = True) -> int:
     """Raise DataFormatError naming the file, the sample and the problem; returns the token count."""
+    return _check_file(file, vocab_size, allow_negative)[0]
+
+
+def _check_file(file: TokenizedFile, vocab_size: int, allow_negative: bool) -> tuple[int, int]:
+    """(tokens, masked tokens) of a file that passes the checks."""
     raw = file.path.read_bytes()
     data = np.frombuffer(raw, dtype=np.uint8)
     mpath = meta_path(file.path)
@@ -95,16 +102,17 @@ def check_file(file: TokenizedFile, vocab_size: int, allow_negative: bool = Fals
         raise DataFormatError(f"{file.path}: sample {i} (byte offset {int(offsets[i])}) holds token id "
                               f"{int(tokens[k])}, {what}; the data was tokenized with another tokenizer, or "
                               f"vocab_size is too small")
-    return int(len(tokens))
+    return int(len(tokens)), int((tokens < 0).sum())
 
 
-def check_folder(folder: TokenizedFolder, vocab_size: int, allow_negative: bool = False) -> FolderSummary:
+def check_folder(folder: TokenizedFolder, vocab_size: int, allow_negative: bool = True) -> FolderSummary:
     t0 = time.perf_counter()
     per_type = {name: 0 for name in folder.type_names}
-    total = 0
+    total = masked = 0
     for file, type_id in zip(folder.files, folder.file_type_ids):
-        n = check_file(file, vocab_size, allow_negative)
+        n, m = _check_file(file, vocab_size, allow_negative)
         per_type[folder.type_names[type_id]] += n
         total += n
+        masked += m
     return FolderSummary(root=str(folder.root), files=len(folder.files), samples=len(folder), tokens=total,
-                         tokens_per_type=per_type, seconds=time.perf_counter() - t0)
+                         tokens_per_type=per_type, seconds=time.perf_counter() - t0, masked=masked)

@@ -142,7 +142,7 @@ def stdlib_corpus(max_mb: float = 6.0, valid_fraction: float = 0.02, stdlib: str
 # ----------------------------------------------------------------------------------------------------
 # prepare_demo_data
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the tokenizer has the chat pieces <|im_start|>, <|im_end|>
 TYPES = ("en", "code")
 SPLITS = ("train", "valid")
 

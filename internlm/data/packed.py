@@ -96,6 +96,11 @@ class PackedDataset:
       sequence boundaries (see ``cu_seqlens_from_position_ids``);
     - ``type_ids``: the type of the sample each token comes from.
 
+    Loss masks follow InternEvo's convention: a sample token stored as ``-id`` is token ``id`` in the
+    input but never a target, so the label of the position before it is ``IGNORE_INDEX``. Masks are
+    per token, so they survive packing, splitting at row boundaries and ``pack_sample_into_one``.
+    (Token 0 cannot be marked this way; it is always a target when it follows in the same piece.)
+
     With ``pack_sample_into_one=True`` the row is treated as one sequence, as InternEvo's option of
     that name does: positions run 0..packed_length-1 and labels are the next token of the stream
     (``IGNORE_INDEX`` only at the row's last position).
@@ -157,6 +162,7 @@ class PackedDataset:
         labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
         position_ids = np.empty(n, dtype=np.int64)
         type_ids = np.empty(n, dtype=np.int64)
+        signed = np.empty(n, dtype=np.int64)  # the tokens as stored: negative = input only
         for index, begin, end, at in self.pieces(row):
             tokens, type_id = self.source[index]
             tokens = np.asarray(tokens)
@@ -165,14 +171,16 @@ class PackedDataset:
                 raise ValueError(f"sample {index} has {len(tokens)} tokens but source.lengths says {expected}")
             piece = tokens[begin:end]
             stop = at + len(piece)
-            input_ids[at:stop] = piece
+            signed[at:stop] = piece
             labels[at : stop - 1] = piece[1:]
             position_ids[at:stop] = np.arange(len(piece), dtype=np.int64)
             type_ids[at:stop] = int(type_id)
         if self.pack_sample_into_one:
-            labels[:-1] = input_ids[1:]
+            labels[:-1] = signed[1:]
             labels[-1] = IGNORE_INDEX
             position_ids = np.arange(n, dtype=np.int64)
+        np.abs(signed, out=input_ids)
+        labels[labels < 0] = IGNORE_INDEX  # a masked token is never a target (IGNORE_INDEX is negative too)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "type_ids": type_ids}
 
 

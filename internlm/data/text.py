@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from internlm.data.chat import CHAT_TOKENS
 from internlm.data.tokenized import DataFormatError
 
-__all__ = ["iter_texts", "train_sentencepiece", "encode_texts", "SPM_TRAINER_OPTIONS"]
+__all__ = ["iter_texts", "iter_records", "train_sentencepiece", "encode_texts", "encode_records", "RecordEncoder",
+           "SPM_TRAINER_OPTIONS", "CHAT_TOKENS"]
 
 # ----------------------------------------------------------------------------------------------------
 # Text files -> samples
@@ -94,6 +96,8 @@ SPM_TRAINER_OPTIONS = dict(
     bos_id=1,
     eos_id=2,
     pad_id=-1,
+    # atomic pieces 3 and 4 (never merged with their neighbours), so chat data can be tokenized
+    user_defined_symbols=list(CHAT_TOKENS),
 )
 
 
@@ -146,28 +150,162 @@ def train_sentencepiece(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Records of a data file in a format: text, chat or instruction
+
+
+def iter_records(path: str | os.PathLike, fmt: str = "auto", text_key: str = "text") -> Iterator[tuple[str, object]]:
+    """Yield ``(where, record)`` for each sample of a file: ``where`` is "FILE: line N" (or "item N"), the
+    record a string (text) or a dict (chat: ``{"messages": [...]}``; instruction: ``{"instruction",
+    "input", "output"}``). ``fmt="auto"`` takes the format of the first record; every record must then be
+    of that format, or a DataFormatError names the file and line. Blank text samples are skipped."""
+    from internlm.data.chat import FORMATS, detect_format
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {list(FORMATS)}")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json"):
+        if fmt in ("chat", "instruction"):
+            raise DataFormatError(f"{path}: {fmt} data must be .jsonl or .json (one JSON object per sample)")
+        for i, text in enumerate(iter_texts(path, text_key)):
+            yield f"{path}: sample {i}", text
+        return
+    for where, value in _json_values(path):
+        if fmt == "auto":
+            fmt = detect_format(value)
+        if fmt == "text":
+            text = _text_of(value, text_key, where)
+            if text.strip():
+                yield where, text
+        else:
+            if not isinstance(value, dict) or detect_format(value) != fmt:
+                keys = sorted(value)[:8] if isinstance(value, dict) else type(value).__name__
+                need = '"messages"' if fmt == "chat" else '"instruction" and "output"'
+                raise DataFormatError(f"{where} is not {fmt} data: it needs {need} (got {keys}); "
+                                      f"a file holds one format")
+            yield where, value
+
+
+def _json_values(path: Path) -> Iterator[tuple[str, object]]:
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}: line {lineno}", json.loads(line)
+                except ValueError as e:
+                    raise DataFormatError(f"{path}: line {lineno} is not valid JSON ({e})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = json.load(f)
+        except ValueError as e:
+            raise DataFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, list):
+        raise DataFormatError(f"{path}: expected a JSON list of objects or strings, got {type(values).__name__}")
+    for i, value in enumerate(values):
+        yield f"{path}: item {i}", value
+
+
+def record_format(record) -> str:
+    from internlm.data.chat import detect_format
+
+    return detect_format(record) if isinstance(record, dict) else "text"
+
+
+# ----------------------------------------------------------------------------------------------------
 # Encoding (module-level so multiprocessing workers can import it under any start method)
 
-_worker_sp = None
-_worker_flags = (True, True)
+
+class RecordEncoder:
+    """Signed ids of a record: text -> [bos] + ids + [eos], all with loss; chat/instruction -> the chat
+    template with loss on the assistant turns only (internlm.data.chat)."""
+
+    def __init__(self, tokenizer_path, add_bos: bool = True, add_eos: bool = True):
+        import sentencepiece as spm
+
+        self.path = str(tokenizer_path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self._chat = None
+
+    @property
+    def chat(self):
+        if self._chat is None:
+            from internlm.data.chat import ChatEncoder
+
+            self._chat = ChatEncoder(self.sp, self.path, self.add_bos)
+        return self._chat
+
+    def texts(self, texts: list[str]) -> list[list[int]]:
+        head = [self.sp.bos_id()] if self.add_bos else []
+        tail = [self.sp.eos_id()] if self.add_eos else []
+        return [head + ids + tail for ids in self.sp.encode(texts, num_threads=1)]
+
+    def batch(self, items: list[tuple[str, object]]) -> list[list[int]]:
+        if all(isinstance(r, str) for _, r in items):
+            return self.texts([r for _, r in items])
+        return [self.one(where, r) for where, r in items]
+
+    def one(self, where: str, record) -> list[int]:
+        from internlm.data.chat import instruction_messages
+
+        if isinstance(record, str):
+            return self.texts([record])[0]
+        if "messages" in record:
+            return self.chat.encode(record["messages"], where)
+        for k in ("instruction", "output"):
+            if not isinstance(record.get(k), str):
+                raise DataFormatError(f'{where}: "{k}" must be a string, got {type(record.get(k)).__name__}')
+        if not isinstance(record.get("input", ""), (str, type(None))):
+            raise DataFormatError(f'{where}: "input" must be a string')
+        return self.chat.encode(instruction_messages(record), where)
+
+
+_worker: RecordEncoder | None = None
 
 
 def _init_worker(tokenizer_path: str, add_bos: bool, add_eos: bool) -> None:
-    global _worker_sp, _worker_flags
-    import sentencepiece as spm
-
-    _worker_sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    _worker_flags = (add_bos, add_eos)
+    global _worker
+    _worker = RecordEncoder(tokenizer_path, add_bos, add_eos)
 
 
-def _encode_batch(texts: list[str]) -> list[list[int]]:
-    return _encode_with(_worker_sp, texts, *_worker_flags)
+def _encode_batch(items: list[tuple[str, object]]) -> list[list[int]]:
+    return _worker.batch(items)
 
 
-def _encode_with(sp, texts: list[str], add_bos: bool, add_eos: bool) -> list[list[int]]:
-    head = [sp.bos_id()] if add_bos else []
-    tail = [sp.eos_id()] if add_eos else []
-    return [head + ids + tail for ids in sp.encode(texts, num_threads=1)]
+def _batches(items: Iterable, batch_size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_records(
+    records: Iterable[tuple[str, object]],
+    tokenizer_path: str | os.PathLike,
+    workers: int = 1,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    batch_size: int = 256,
+) -> Iterator[list[int]]:
+    """Signed ids of each ``(where, record)`` of `iter_records`, in input order, with `workers` processes."""
+    if workers <= 1:
+        enc = RecordEncoder(tokenizer_path, add_bos, add_eos)
+        for batch in _batches(records, batch_size):
+            yield from enc.batch(batch)
+        return
+
+    import multiprocessing
+
+    with multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path), add_bos, add_eos)) as pool:
+        for encoded in pool.imap(_encode_batch, _batches(records, batch_size)):
+            yield from encoded
 
 
 def encode_texts(
@@ -179,27 +317,5 @@ def encode_texts(
     batch_size: int = 256,
 ) -> Iterator[list[int]]:
     """Yield [bos] + sp.encode(text) + [eos] for each text, in input order, with `workers` processes."""
-
-    def batches():
-        batch = []
-        for text in texts:
-            batch.append(text)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    if workers <= 1:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-        for batch in batches():
-            yield from _encode_with(sp, batch, add_bos, add_eos)
-        return
-
-    import multiprocessing
-
-    with multiprocessing.Pool(workers, _init_worker, (str(tokenizer_path), add_bos, add_eos)) as pool:
-        for encoded in pool.imap(_encode_batch, batches()):
-            yield from encoded
+    yield from encode_records(((f"sample {i}", t) for i, t in enumerate(texts)), tokenizer_path, workers,
+                              add_bos, add_eos, batch_size)

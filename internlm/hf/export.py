@@ -77,7 +77,9 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
         raise
     config = hf_config_dict(args, target, dtype, ids.get("bos"), ids.get("eos"), ids.get("pad"))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = {"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}
+    # a chat model ends its turn with <|im_end|>: generation stops there as at eos
+    eos = [ids["eos"], ids["im_end"]] if ids.get("im_end") is not None else ids.get("eos")
+    gen = {"bos_token_id": ids.get("bos"), "eos_token_id": eos}
     if ids.get("pad") is not None:
         gen["pad_token_id"] = ids["pad"]
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

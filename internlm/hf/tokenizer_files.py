@@ -20,9 +20,13 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
 
     Our sentencepiece models are trained without a dummy prefix (add_dummy_prefix=False) and with
     whitespace kept, so transformers must not add a prefix space either (add_prefix_space=False,
-    legacy=False), and special-token strings in a text stay text (split_special_tokens=True): then it
-    gives sentencepiece's ids exactly, also for texts starting with spaces or quoting "<unk>".
-    Returns the bos/eos/pad/unk ids."""
+    legacy=False): then it gives sentencepiece's ids exactly, also for texts starting with spaces.
+    A tokenizer with InternLM's chat pieces (<|im_start|>, <|im_end|>) gets them as special tokens and
+    InternLM's chat template, so `apply_chat_template` gives the ids tools/tokenizer.py writes for
+    chat data. As in InternLM's released tokenizers (and transformers' default), the bos/eos strings
+    in a text are the special tokens (the template spells bos as text); sentencepiece, and so the
+    training data, keeps a literal "</s>" as text.
+    Returns the bos/eos/pad/unk ids, and "im_end" when the chat pieces are there."""
     import sentencepiece as spm
 
     spm_model = Path(spm_model)
@@ -48,17 +52,37 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
         "eos_token": special.get("eos_token"),
         "unk_token": special.get("unk_token"),
         "pad_token": special.get("pad_token"),
-        # text is text, as when the training data was tokenized: a literal "</s>" is not the eos token
-        "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "sp_model_kwargs": {},
         "model_max_length": model_max_length,
     }
+    chat = _chat_ids(sp)
+    if chat:
+        from internlm.data.chat import CHAT_TEMPLATE
+
+        tok_cfg["added_tokens_decoder"] = {
+            str(i): {"content": sp.id_to_piece(i), "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True} for i in chat}
+        tok_cfg["additional_special_tokens"] = [sp.id_to_piece(i) for i in chat]
+        tok_cfg["chat_template"] = CHAT_TEMPLATE
+        special["additional_special_tokens"] = tok_cfg["additional_special_tokens"]
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     _write_tokenizer_json(out_dir, sp)
-    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+    out = {k: (v if v >= 0 else None) for k, v in ids.items()}
+    if chat:
+        out["im_end"] = chat[1]
+    return out
+
+
+def _chat_ids(sp) -> list[int]:
+    """[<|im_start|>, <|im_end|>] ids when the model has both as pieces, else []."""
+    from internlm.data.chat import CHAT_TOKENS
+
+    ids = [sp.piece_to_id(p) for p in CHAT_TOKENS]
+    ok = all(i != sp.unk_id() and sp.id_to_piece(i) == p for i, p in zip(ids, CHAT_TOKENS))
+    return ids if ok else []
 
 
 _PROBE_TEXTS = ("hello world", "  two leading spaces", "    def f(x):\n        return x\n", "\n\nx\ty  z ",

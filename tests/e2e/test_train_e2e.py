@@ -84,3 +84,5 @@ def test_demo_end_to_end_small(tmp_path):
                         f"monitor.run_folder={str(tmp_path / 'run2')!r}"], cwd=tmp_path, timeout=400)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert model_file.stat().st_mtime == mtime
+    # it resumed the first run's final checkpoint (step 30 >= 2 steps): nothing to train, said plainly
+    assert "had already reached data.total_steps" in proc2.stdout

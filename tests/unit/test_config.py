@@ -81,7 +81,7 @@ def test_shipped_model_shapes():
     assert (d.model.num_attention_heads, d.model.num_kv_attention_heads, d.model.head_dim) == (8, 2, 32)
     assert d.model.intermediate_size == 704 and d.model.no_bias is True
     assert (d.data.micro_num, d.data.micro_bsz, d.data.total_steps, d.lr_scheduler.total_steps) == (2, 4, 300, 300)
-    assert d.monitor.run_folder == "runs/demo" and d.ckpt.enable_save_ckpt is False
+    assert d.monitor.run_folder == "runs/demo" and d.ckpt.enable_save_ckpt is True
 
     v1 = load_config(CONFIGS / "7B_sft.py")
     assert v1.model_type == "INTERNLM" and v1.model.intermediate_size == 11008 and v1.model.no_bias is False

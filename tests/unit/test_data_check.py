@@ -67,18 +67,21 @@ def test_a_wrong_token_count_is_refused(tmp_path):
         check_file(TokenizedFile(path), VOCAB)
 
 
-@pytest.mark.parametrize("bad, words", [(VOCAB, f">= model.vocab_size={VOCAB}"), (-3, "negative")])
-def test_an_out_of_range_token_names_file_sample_and_value(tmp_path, bad, words):
+@pytest.mark.parametrize("bad, words, allow_negative", [(VOCAB, f">= model.vocab_size={VOCAB}", True),
+                                                        (-VOCAB, "negative", True), (-3, "negative", False)])
+def test_an_out_of_range_token_names_file_sample_and_value(tmp_path, bad, words, allow_negative):
     tokens = samples(100)
     tokens[61] = [5, 6, bad, 7]
     path = written(tmp_path, tokens)
     with pytest.raises(DataFormatError, match=rf"a.bin: sample 61 \(byte offset \d+\) holds token id {bad}, {words}"):
-        check_file(TokenizedFile(path), VOCAB)
+        check_file(TokenizedFile(path), VOCAB, allow_negative=allow_negative)
 
 
-def test_negative_ids_pass_where_masks_are_allowed(tmp_path):
+def test_negative_ids_are_masks_and_pass_by_default(tmp_path):
     path = written(tmp_path, [[1, -2, 3], [-(VOCAB - 1)]])
-    assert check_file(TokenizedFile(path), VOCAB, allow_negative=True) == 4
+    assert check_file(TokenizedFile(path), VOCAB) == 4
+    summary = check_folder(TokenizedFolder(tmp_path), VOCAB)
+    assert summary.masked == 2 and "4 tokens (en 4), 2 masked (input only)" in summary.line()
     with pytest.raises(DataFormatError, match="holds token id -128"):
         check_file(TokenizedFile(written(tmp_path, [[-VOCAB]], "x.bin")), VOCAB, allow_negative=True)
 

@@ -390,7 +390,7 @@ TEXTS = [
     "unicode: café, 中文, emoji 😀 and rare ǅ",
     " ",
     "",
-    "special strings stay text: <s> </s> <unk>",
+    "chat pieces are atomic in both: <|im_start|>user\nhi<|im_end|>\n",
 ]
 
 
@@ -408,10 +408,18 @@ def test_tokenizer_files_reproduce_sentencepiece_ids(spm_model, target, tmp_path
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in TEXTS:
         assert tok(text)["input_ids"] == [sp.bos_id()] + sp.encode(text), repr(text)
-        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+        assert tok.decode(tok(text)["input_ids"][1:]) == text
     assert tok.bos_token_id == 1 and tok.eos_token_id == 2
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    # generation stops at the end of a chat turn too
+    im_end = sp.piece_to_id("<|im_end|>")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, im_end]
+    # as in InternLM's released tokenizers, bos/eos strings in a text are the special tokens in
+    # transformers (its chat template spells bos as text), while sentencepiece keeps them as text
+    assert tok("a</s>")["input_ids"] == [1] + sp.encode("a") + [2]
+    assert sp.encode("a</s>") != sp.encode("a") + [2]
 
 
 # ----------------------------------------------------------------------------- load_model / generate
@@ -484,3 +492,44 @@ def test_sizes_and_shard_plan():
     with pytest.raises(hf.ConversionError):
         hf.parse_size("ten gigs")
     assert hf.plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
+
+
+def test_generate_stops_at_any_stop_id():
+    model = random_model(tiny_config("INTERNLM2_PUBLIC", num_kv_attention_heads=2))
+    free = generate(model, [1, 5, 7], max_new_tokens=8, greedy=True)
+    k = next(i for i, t in enumerate(free) if t not in free[:i])  # a token not generated before position k
+    stopped = generate(model, [1, 5, 7], max_new_tokens=8, greedy=True, eos_token_id=[10**6, free[k]])
+    assert stopped == free[:k + 1]
+
+
+def test_generate_chat_keeps_the_conversation(spm_model, tmp_path, capsys, monkeypatch):
+    """--chat: each stdin line is a user turn; the model sees the template with the earlier answers,
+    and an answer ends at <|im_end|> (not printed)."""
+    import io
+
+    import sentencepiece as spm
+
+    import internlm.inference as inference
+    from internlm.data.chat import ChatEncoder
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    cfg = tiny_config("INTERNLM2_PUBLIC", num_kv_attention_heads=2, vocab_size=sp.get_piece_size())
+    write_ckpt(random_model(cfg), cfg, tmp_path / "ckpt")
+    enc = ChatEncoder(sp, spm_model)
+    answers = [sp.encode("first answer") + [enc.end], sp.encode("second") + [enc.end]]
+    seen = []
+
+    def fake_generate(model, ids, max_new_tokens, eos_token_id=None, **kw):
+        seen.append((list(ids), list(eos_token_id)))
+        return answers[len(seen) - 1]
+
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nand then?\n"))
+    tool = _tool("generate")
+    assert tool.main(["--ckpt", str(tmp_path / "ckpt"), "--tokenizer", str(spm_model), "--chat",
+                      "--system", "Be brief.", "--greedy"]) == 0
+    assert capsys.readouterr().out == "first answer\nsecond\n"
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    assert seen[0] == (enc.encode_prompt(history), [enc.end, sp.eos_id()])
+    history += [{"role": "assistant", "content": "first answer"}, {"role": "user", "content": "and then?"}]
+    assert seen[1][0] == enc.encode_prompt(history)

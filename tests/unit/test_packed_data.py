@@ -301,3 +301,58 @@ def test_valid_loader_equal_counts_and_coverage():
     assert [len(b) for b in capped] == [2, 2]
     with pytest.warns(UserWarning, match="validation is skipped"):
         assert build_valid_loader(src, packed_length, micro_bsz=1000, valid_micro_num=1, dp_rank=0, dp_size=1) == []
+
+
+# ---- loss masks: a negative id is the token in the input and never a target ---------------------
+
+def masked_source(seed=3, num=40):
+    """Samples with a prompt of negative ids and an answer of positive ones, as SFT data is stored."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(num):
+        prompt = rng.integers(3, 100, size=int(rng.integers(1, 12)))
+        answer = rng.integers(3, 100, size=int(rng.integers(1, 12)))
+        samples.append(np.concatenate([-prompt, answer]))
+    return ListSource(samples)
+
+
+@pytest.mark.parametrize("packed_length", [7, 16, 64])
+@pytest.mark.parametrize("into_one", [False, True])
+def test_masked_tokens_are_inputs_but_never_targets(packed_length, into_one):
+    src = masked_source()
+    ds = PackedDataset(src, packed_length, pack_sample_into_one=into_one)
+    stream = np.concatenate(src.samples)  # the signed token stream the rows are cut from
+    targets = 0
+    for r in range(len(ds)):
+        row = ds[r]
+        signed = stream[r * packed_length:(r + 1) * packed_length]
+        assert (row["input_ids"] == np.abs(signed)).all() and (row["input_ids"] >= 0).all()
+        # where the next token is masked the label is ignored; elsewhere it is what it was unmasked
+        masked_next = signed[1:] < 0
+        assert (row["labels"][:-1][masked_next] == IGNORE_INDEX).all()
+        unmasked = PackedDataset(ListSource([np.abs(s) for s in src.samples], src.types), packed_length,
+                                 pack_sample_into_one=into_one)[r]
+        keep = ~masked_next
+        assert (row["labels"][:-1][keep] == unmasked["labels"][:-1][keep]).all()
+        assert (row["position_ids"] == unmasked["position_ids"]).all()
+        targets += int((row["labels"] != IGNORE_INDEX).sum())
+    assert targets > 0
+    # every label that survives is a positive (answer) token of the stream
+    labels = np.concatenate([ds[r]["labels"] for r in range(len(ds))])
+    assert set(labels[labels != IGNORE_INDEX].tolist()) <= set(stream[stream > 0].tolist())
+
+
+def test_masked_loss_counts_only_answer_tokens():
+    from internlm.loss import PackedLMLoss, make_target
+
+    src = masked_source(num=10)
+    ds = PackedDataset(src, 32)
+    row = ds[0]
+    logits = torch.randn(1, 32, 100)
+    loss_fn = PackedLMLoss(3)
+    labels = torch.from_numpy(row["labels"])[None]
+    loss = loss_fn(logits, make_target(labels, torch.from_numpy(row["type_ids"])[None]))
+    keep = labels[0] != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[0][keep], labels[0][keep])
+    torch.testing.assert_close(loss, expected)
+    assert int(loss_fn.summed()[2 + 3:].sum()) == int(keep.sum()) < 31
