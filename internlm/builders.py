@@ -64,6 +64,8 @@ def sources(cfg: TrainConfig, seed: int):
         train = DummySource(cfg.model.vocab_size, data.dummy_num_samples, seed, max_len=max(16, data.seq_len * 2))
         valid = DummySource(cfg.model.vocab_size, 512, seed + 1, max_len=max(16, data.seq_len * 2))
         return train, (valid if data.valid_every else None)
+    if data.type == "streaming":
+        return _streaming_sources(cfg)
     from internlm.data.tokenized import TokenizedFolder
 
     train = TokenizedFolder(data.train_folder)
@@ -75,6 +77,26 @@ def sources(cfg: TrainConfig, seed: int):
     return train, TokenizedFolder(data.valid_folder, type_names=names)
 
 
+def _streaming_sources(cfg: TrainConfig):
+    """(StreamingCorpus, valid source or None): validation data is .bin files or raw files read at start."""
+    from internlm.data.stream_loader import check_tokenizer, read_corpus
+    from internlm.data.streaming import StreamingCorpus, is_streaming_folder
+    from internlm.data.tokenized import TokenizedFolder
+
+    data = cfg.data
+    check_tokenizer(data.tokenizer_path, cfg.model.vocab_size)
+    train = StreamingCorpus(data.train_folder, fmt=data.format)
+    if not data.valid_folder:
+        return train, None
+    if is_streaming_folder(data.valid_folder):
+        types = StreamingCorpus(data.valid_folder).type_names
+        names = list(train.type_names) + [t for t in types if t not in train.type_names]
+        return train, read_corpus(StreamingCorpus(data.valid_folder, names, fmt=data.format), data.tokenizer_path)
+    types = TokenizedFolder(data.valid_folder).type_names
+    names = list(train.type_names) + [t for t in types if t not in train.type_names]
+    return train, TokenizedFolder(data.valid_folder, type_names=names)
+
+
 def type_names(train_source, valid_source) -> list[str]:
     """The data types the loss keeps statistics for: the training source's, then any only validation has."""
     names = list(train_source.type_names)
@@ -83,8 +105,16 @@ def type_names(train_source, valid_source) -> list[str]:
 
 def train_loader(cfg: TrainConfig, source, seed: int, dp_rank: int = 0, dp_size: int = 1):
     from internlm.data.loader import build_train_loader
+    from internlm.data.streaming import StreamingCorpus
 
     data = cfg.data
+    if isinstance(source, StreamingCorpus):
+        from internlm.data.stream_loader import StreamingLoader
+
+        return StreamingLoader(source, data.tokenizer_path, packed_length=data.seq_len, micro_num=data.micro_num,
+                               micro_bsz=data.micro_bsz, dp_rank=dp_rank, dp_size=dp_size,
+                               min_length=data.min_length, pack_sample_into_one=data.pack_sample_into_one,
+                               workers=data.num_worker)
     return build_train_loader(source, packed_length=data.seq_len, micro_num=data.micro_num, micro_bsz=data.micro_bsz,
                               dp_rank=dp_rank, dp_size=dp_size, seed=seed, min_length=data.min_length,
                               pack_sample_into_one=data.pack_sample_into_one, shuffle=data.shuffle)

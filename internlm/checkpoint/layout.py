@@ -34,6 +34,7 @@ META = "meta.json"
 STATE = "state.json"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.model"  # a copy of the run's data.tokenizer_path, when it has one
+TOKENIZER_CONFIG = "tokenizer_config.json"  # and of the HF tokenizer_config.json beside it (its added tokens)
 RNG_DIR = "rng"
 DCP_METADATA = ".metadata"
 SNAPSHOT_DIR = "snapshot"

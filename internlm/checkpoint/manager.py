@@ -374,6 +374,9 @@ class CheckpointManager:
         tokenizer = self.cfg.data.tokenizer_path
         if tokenizer and Path(tokenizer).is_file():  # the checkpoint carries its tokenizer (generate, export)
             shutil.copyfile(tokenizer, tmp / layout.TOKENIZER)
+            hf_config = Path(tokenizer).parent / layout.TOKENIZER_CONFIG
+            if hf_config.is_file():  # an HF tokenizer's added tokens (e.g. InternLM2's chat tokens)
+                shutil.copyfile(hf_config, tmp / layout.TOKENIZER_CONFIG)
         layout.write_json(tmp / layout.META, {
             "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION, "kind": what, "step": step,
             "tokens_seen": ts.consumed_tokens, **self.run_meta, "world_size": self.world_size,

@@ -69,7 +69,7 @@ def read_ckpt_config(ckpt_dir):
     if not path.is_file():
         raise ConversionError(f"checkpoint {str(ckpt_dir)!r} has no {layout.CONFIG}.")
     try:
-        return load_config(path, ["data.train_folder=None", "data.valid_folder=None"])
+        return load_config(path, ["data.train_folder=None", "data.valid_folder=None", "data.type='tokenized'"])
     except ConfigError as exc:
         raise ConversionError(f"cannot read {path}: {exc}") from None
 

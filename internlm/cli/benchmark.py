@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-FORCED = ["data.train_folder=None", "data.valid_folder=None", "data.valid_every=0", "ckpt.enable_save_ckpt=False",
-          "ckpt.auto_resume=False", "ckpt.load_ckpt_info=None"]  # always a fresh model, never a resume
+# always a fresh model on generated data, never a resume
+FORCED = ["data.type='tokenized'", "data.train_folder=None", "data.valid_folder=None", "data.valid_every=0",
+          "ckpt.enable_save_ckpt=False", "ckpt.auto_resume=False", "ckpt.load_ckpt_info=None"]
 
 
 def parse_args(argv=None):

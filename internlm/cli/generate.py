@@ -1,7 +1,7 @@
 """Continue a prompt, or chat, with a trained model (a training checkpoint or a Hugging Face folder).
 
     python tools/generate.py --ckpt DIR --prompt "def fib(n):" [--tokenizer tokenizer.model] \
-        [--max_new_tokens 64] [--greedy | --top_p 0.9 --temperature 0.8] [--seed 0]
+        [--max_new_tokens 64] [--greedy | --top_p 0.9 --temperature 0.8] [--repetition_penalty 1.1] [--seed 0]
     python tools/generate.py --ckpt DIR --chat [--prompt "a question"] [--system "..."]
 
 The tokenizer defaults to DIR/tokenizer.model (a checkpoint's copy or a HF export) or the checkpoint
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0,
+                        help="> 1 discourages repeating tokens (transformers' semantics; 1: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
             print(f"error: the tokenizer's ids exceed the model's vocab_size {model.args.vocab_size}", file=sys.stderr)
             return None
         new = generate(model, ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, eos_token_id=stop, generator=gen)
+                       top_p=args.top_p, top_k=args.top_k, eos_token_id=stop, generator=gen,
+                       repetition_penalty=args.repetition_penalty, vocab_limit=sp.get_piece_size())
         return new[:-1] if new and new[-1] in stop else new
 
     eos = [sp.eos_id()] if sp.eos_id() >= 0 else []

@@ -297,7 +297,8 @@ def stage_parity(run: Run, cuda: bool, tiny: bool, workdir: Path) -> dict:
                       "cuda": ["device='cuda'"],
                       "cpu_sdpa_loop": ["device='cpu'", "model.attn_backend='sdpa_loop'"]}
     base = [sys.executable, "-m", "internlm.cli.train", "--config", str(ROOT / "configs" / "demo.py"),
-            "data.train_folder=None", "data.valid_folder=None", "data.valid_every=0", "ckpt.enable_save_ckpt=False",
+            "data.type='tokenized'", "data.train_folder=None", "data.valid_folder=None", "data.valid_every=0",
+            "ckpt.enable_save_ckpt=False",
             f"data.total_steps={steps}", f"lr_scheduler.total_steps={steps}", "monitor.log_every=1",
             "adam.lr=1e-3", *model]
     jobs = {}

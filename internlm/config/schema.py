@@ -116,9 +116,17 @@ class DataConfig:
     pack_sample_into_one: bool = key(False, "treat each packed row as one sequence (attention crosses samples)")
     total_steps: int = key(1000, "optimizer steps of the run", ge=1)
     min_length: int = key(0, "drop samples shorter than this", ge=0)
-    train_folder: str | None = key(None, "folder of .bin/.bin.meta files (None: generated dummy data)")
-    valid_folder: str | None = key(None, "validation folder (None: no validation)")
-    tokenizer_path: str | None = key(None, "sentencepiece model, recorded for export and generation")
+    type: str = key("tokenized", "tokenized: .bin/.bin.meta token files; streaming: .jsonl/.json/.parquet/.txt "
+                                 "files or a datasets save_to_disk folder, tokenized on the fly with "
+                                 "data.tokenizer_path (doc/finetune.md)", choices=("tokenized", "streaming"))
+    train_folder: str | None = key(None, "folder of .bin/.bin.meta files, or of raw files with type='streaming' "
+                                         "(None: generated dummy data)")
+    valid_folder: str | None = key(None, "validation folder, .bin files or raw files (tokenized at start; "
+                                         "None: no validation)")
+    tokenizer_path: str | None = key(None, "sentencepiece model: tokenizes streaming data; recorded for export "
+                                           "and generation")
+    format: str = key("auto", "streaming records: auto (detected per file), text, chat or instruction",
+                      choices=("auto", "text", "chat", "instruction"))
     dummy_num_samples: int = key(10000, "samples of the generated dummy data", ge=1)
     check_data: bool = key(True, "verify every .bin/.bin.meta (coverage, counts, token ids < vocab_size) at start")
     shuffle: bool = key(True, "shuffle the sample order each epoch")
@@ -127,8 +135,8 @@ class DataConfig:
     empty_cache_and_diag_interval: int | None = key(None, "InternEvo's diagnosis interval",
                                                     inert="no periodic cache emptying or diagnosis")
     diag_outlier_ratio: float | None = key(None, "InternEvo's slow-rank diagnosis", inert="no slow-rank diagnosis")
-    num_worker: int = key(0, "InternEvo's data loader workers", ge=0,
-                          inert="batches are read in the training process (memory-mapped, no workers)")
+    num_worker: int = key(0, "streaming: tokenizer processes (0: a background thread); .bin data is read in "
+                             "the training process (memory-mapped)", ge=0)
     fixed_random_dataset_seqlen: bool = key(True, "InternEvo's dummy-data switch",
                                             inert="dummy data has Zipf-like sample lengths")
 

@@ -29,10 +29,20 @@ def validate(cfg, world_size: int | None = None) -> None:
                           f"sequences.")
     for key in ("train_folder", "valid_folder"):
         folder = getattr(data, key)
+        if folder is not None and data.type == "streaming" and os.path.isfile(folder):
+            continue  # streaming reads a single data file too
         if folder is not None and not os.path.isdir(folder):
             raise ConfigError(f"data.{key}={folder!r} is not an existing directory (looked in {os.getcwd()!r}); "
                               f"fix the path, or set data.{key}=None"
                               f"{' to train on dummy data' if key == 'train_folder' else ' to skip validation'}.")
+    if data.type == "streaming":
+        if data.train_folder is None:
+            raise ConfigError("data.type='streaming' reads data.train_folder: set it to a data file or folder.")
+        if not data.tokenizer_path:
+            raise ConfigError("data.type='streaming' tokenizes on the fly: set data.tokenizer_path to a "
+                              "sentencepiece .model file.")
+        if not os.path.isfile(data.tokenizer_path):
+            raise ConfigError(f"data.tokenizer_path={data.tokenizer_path!r} is not a file (looked in {os.getcwd()!r}).")
     if full.ckpt.enable_save_ckpt and not full.ckpt.save_ckpt_folder:
         raise ConfigError("ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder to name a folder.")
 

@@ -54,16 +54,34 @@ def instruction_messages(record: dict) -> list[dict]:
 
 
 def require_chat_tokens(sp, tokenizer_path) -> tuple[int, int]:
-    """The ids of <|im_start|> and <|im_end|>, or a clear error for a tokenizer without them."""
+    """The ids of <|im_start|> and <|im_end|>: pieces of the sentencepiece model, or HF added tokens
+    declared beside it (tokenizer_config.json's added_tokens_decoder, as InternLM2/3 chat models ship
+    them over unused pieces); a clear error for a tokenizer without them."""
+    added = hf_added_tokens(tokenizer_path)
     ids = []
     for piece in CHAT_TOKENS:
         i = sp.piece_to_id(piece)
         if i == sp.unk_id() or sp.is_control(i) or sp.id_to_piece(i) != piece:
+            i = added.get(piece)
+        if i is None or not 0 <= i < sp.get_piece_size():
             raise DataFormatError(
                 f"tokenizer {tokenizer_path} has no {piece!r} piece, which chat data needs: train the tokenizer "
                 f"with tools/train_tokenizer.py (it adds {' and '.join(CHAT_TOKENS)}) or use one that has them")
         ids.append(i)
     return ids[0], ids[1]
+
+
+def hf_added_tokens(tokenizer_path) -> dict[str, int]:
+    """content -> id of the added tokens in the tokenizer_config.json beside a tokenizer.model ({} if none)."""
+    import json
+    from pathlib import Path
+
+    config = Path(str(tokenizer_path)).parent / "tokenizer_config.json"
+    try:
+        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        return {v["content"]: int(k) for k, v in decoder.items() if isinstance(v, dict) and "content" in v}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 def detect_format(value) -> str:

@@ -104,8 +104,9 @@ def build_valid_loader(
     """One unshuffled pass over the validation rows for this rank, as a list of micro-batches
     shaped ``[1, micro_bsz * packed_length]`` per key.
 
-    Rows are grouped into micro-batches in order and, like one training step, rank ``r`` takes a
-    contiguous block of them. Every rank gets the same number of micro-batches, so evaluation
+    Rows are grouped into micro-batches in order; the pass takes ``dp_size * valid_micro_num`` of them
+    spread evenly over the set (all of them when there are no more) and, like one training step, rank
+    ``r`` takes a contiguous block of those. Every rank gets the same number of micro-batches, so evaluation
     collectives line up: the remainder that does not divide evenly over ranks is left out.
     ``valid_micro_num <= 0`` means no per-rank cap.
     """
@@ -121,9 +122,12 @@ def build_valid_loader(
             f"of {micro_bsz} rows on each of {dp_size} ranks; validation is skipped", stacklevel=2
         )
         return []
-    first = dp_rank * per_rank
+    # the micro-batches are spread evenly over the whole validation set (a capped pass would otherwise
+    # see only its first files, e.g. one type of a folder holding several)
+    total = (len(dataset) // micro_bsz)
+    picked = (np.arange(per_rank * dp_size) * total) // (per_rank * dp_size)
     batches = []
-    for m in range(first, first + per_rank):
+    for m in picked[dp_rank * per_rank:(dp_rank + 1) * per_rank].tolist():
         rows = list(range(m * micro_bsz, (m + 1) * micro_bsz))
         batches.append(_gather_micro_batches(dataset, [rows]))
     return batches

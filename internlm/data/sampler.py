@@ -117,6 +117,12 @@ class StatefulBatchSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") == "streaming":
+            from internlm.data.tokenized import DataFormatError
+
+            raise DataFormatError("the checkpoint's data position is in streaming data (data.type='streaming'); "
+                                  "it cannot resume a run on .bin data: load the model only "
+                                  "(load_ckpt_info content=('model',)) to switch data types")
         num_rows = int(state["num_rows"])
         if num_rows != self.num_rows:
             raise ValueError(

@@ -57,14 +57,17 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
         "sp_model_kwargs": {},
         "model_max_length": model_max_length,
     }
-    chat = _chat_ids(sp)
+    chat = _chat_ids(sp, spm_model)
     if chat:
-        from internlm.data.chat import CHAT_TEMPLATE
+        from internlm.data.chat import CHAT_TEMPLATE, CHAT_TOKENS
+
+        if [sp.id_to_piece(i) for i in chat] != list(CHAT_TOKENS):
+            _name_pieces(spm_model, out_dir / "tokenizer.model", dict(zip(chat, CHAT_TOKENS)))
 
         tok_cfg["added_tokens_decoder"] = {
-            str(i): {"content": sp.id_to_piece(i), "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True} for i in chat}
-        tok_cfg["additional_special_tokens"] = [sp.id_to_piece(i) for i in chat]
+            str(i): {"content": piece, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True} for i, piece in zip(chat, CHAT_TOKENS)}
+        tok_cfg["additional_special_tokens"] = list(CHAT_TOKENS)
         tok_cfg["chat_template"] = CHAT_TEMPLATE
         special["additional_special_tokens"] = tok_cfg["additional_special_tokens"]
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
@@ -76,13 +79,30 @@ def write_tokenizer_files(spm_model, out_dir, model_max_length: int = 2048) -> d
     return out
 
 
-def _chat_ids(sp) -> list[int]:
-    """[<|im_start|>, <|im_end|>] ids when the model has both as pieces, else []."""
-    from internlm.data.chat import CHAT_TOKENS
+def _chat_ids(sp, spm_model) -> list[int]:
+    """[<|im_start|>, <|im_end|>] ids when the model has both (as pieces, or as HF added tokens in the
+    tokenizer_config.json beside it), else []."""
+    from internlm.data.chat import require_chat_tokens
+    from internlm.data.tokenized import DataFormatError
 
-    ids = [sp.piece_to_id(p) for p in CHAT_TOKENS]
-    ok = all(i != sp.unk_id() and sp.id_to_piece(i) == p for i, p in zip(ids, CHAT_TOKENS))
-    return ids if ok else []
+    try:
+        return list(require_chat_tokens(sp, spm_model))
+    except DataFormatError:
+        return []
+
+
+def _name_pieces(src: Path, dst: Path, names: dict[int, str]) -> None:
+    """Write `src` with pieces renamed (id -> text) as user-defined (atomic) pieces: chat tokens that
+    were HF added tokens over unused pieces become pieces of the exported model, so transformers finds
+    them in the vocabulary at the same ids instead of appending new ones."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(src.read_bytes())
+    for i, text in names.items():
+        proto.pieces[i].piece = text
+        proto.pieces[i].type = model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    dst.write_bytes(proto.SerializeToString())
 
 
 _PROBE_TEXTS = ("hello world", "  two leading spaces", "    def f(x):\n        return x\n", "\n\nx\ty  z ",

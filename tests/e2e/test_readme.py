@@ -1,8 +1,10 @@
 """Every command of the README, run in order as a new user would, on a tiny budget: only step counts and
 sizes are overridden (the demo trains STEPS steps on a small corpus, so `runs/demo/ckpt/300` becomes
 `runs/demo/ckpt/{STEPS}`). The GPU and slurm lines are checked as far as their config and layout
-(`train.py --dry-run`); the set-up and test lines are what CI itself runs. A README line this test
-does not know fails it: the README cannot drift from the code."""
+(`train.py --dry-run`); the chat page (`streamlit run tools/web_demo.py -- ...`) is run once with its
+options by streamlit's AppTest, which needs no browser or server (tests/e2e/test_web_demo_browser.py
+drives one); the set-up and test lines are what CI itself runs. A README line this test does not know
+fails it: the README cannot drift from the code."""
 from __future__ import annotations
 
 import re
@@ -28,8 +30,19 @@ def readme_commands() -> list[str]:
     return out
 
 
-def _python(args: list[str], cwd: Path) -> str:
-    proc = run_python(args, cwd=cwd, timeout=600)
+# The chat page, its options from INTERNLM_WEB_DEMO_ARGS, run once and sent one message.
+PAGE_CHECK = """import os, sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(os.path.abspath(sys.argv[1]), default_timeout=300).run()
+at.chat_input[0].set_value("def parse(").run()
+assert not at.exception, at.exception
+print("\\n".join(["error: " + e.value for e in at.error] + [m.value for m in at.sidebar.markdown]))
+print("replies:", len([m for m in at.chat_message if m.name == "assistant"]))
+"""
+
+
+def _python(args: list[str], cwd: Path, env: dict | None = None) -> str:
+    proc = run_python(args, cwd=cwd, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{shlex.join(args)} failed ({proc.returncode}):\n{out[-3000:]}"
     assert "Traceback" not in out, out[-3000:]
@@ -46,9 +59,14 @@ def test_the_readme_runs_as_written(tmp_path):
     for command in commands:
         argv = shlex.split(command.replace(DEMO_CKPT, ckpt))
         program = argv[0]
-        if program == "pip" or command.startswith(("ruff check", "python -m pytest")):
+        if program in ("pip", "{", "command", "apt-get") or command.startswith(("ruff check", "python -m pytest")):
             continue  # the set-up and the test command: what CI runs around this test
-        if argv[:2] == ["python", "tools/demo.py"]:
+        if argv[:2] == ["python", "tools/demo.py"] and "--sft" in argv:  # same corpus: --max_mb as above
+            out = _python(argv[1:] + ["--max_mb", "0.4", "--eval", "3", "data.total_steps=4",
+                                      "lr_scheduler.total_steps=4"], tmp_path)
+            assert f"[demo-sft] the demo's checkpoint: {ckpt} (step {STEPS})" in out
+            assert "[demo-sft] exact match on 3 held-out prompts" in out
+        elif argv[:2] == ["python", "tools/demo.py"]:
             out = _python(argv[1:] + ["--max_mb", "0.4", f"data.total_steps={STEPS}"], tmp_path)
             assert f"[demo] checkpoint: {ckpt} (step {STEPS}, with its tokenizer)" in out
             assert f"python tools/ckpt_info.py {ckpt}" in out  # it prints the tour's next commands
@@ -57,6 +75,10 @@ def test_the_readme_runs_as_written(tmp_path):
             assert f"step: {STEPS}" in _python(argv[1:], tmp_path)
         elif argv[:2] == ["python", "tools/generate.py"]:
             _python(argv[1:] + ["--max_new_tokens", "8"], tmp_path)  # no --tokenizer: the checkpoint has one
+        elif argv[:3] == ["streamlit", "run", "tools/web_demo.py"]:
+            page_args = shlex.join(argv[argv.index("--") + 1:])
+            out = _python(["-c", PAGE_CHECK, argv[2]], tmp_path, env={"INTERNLM_WEB_DEMO_ARGS": page_args})
+            assert "error:" not in out and f"step: `{STEPS}`" in out and "replies: 1" in out, out[-3000:]
         elif argv[:2] == ["python", "tools/convert2hf.py"]:
             _python(argv[1:], tmp_path)
             assert (tmp_path / "hf_demo" / "config.json").is_file()

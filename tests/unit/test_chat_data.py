@@ -173,3 +173,64 @@ def test_trained_tokenizers_have_the_chat_pieces(sp):
     assert [sp.piece_to_id(p) for p in CHAT_TOKENS] == [3, 4]
     assert sp.encode("<|im_end|>") == [4]
     assert np.all(np.array(sp.encode("x<|im_start|>y")) != 0)
+
+
+def test_hf_added_chat_tokens_over_unused_pieces(tmp_path):
+    """InternLM2/3 chat tokenizers keep <|im_start|>/<|im_end|> as HF added tokens over unused pieces of
+    the sentencepiece model (tokenizer_config.json's added_tokens_decoder): chat data uses those ids,
+    the export keeps them, and transformers' apply_chat_template gives the same ids."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from internlm.hf.tokenizer_files import write_tokenizer_files
+
+    options = {k: v for k, v in SPM_TRAINER_OPTIONS.items() if k != "user_defined_symbols"}
+    text = ["the quick brown fox jumps over the lazy dog %d" % i for i in range(200)] + [
+        json.dumps(c) for c in CONVERSATIONS]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=400, minloglevel=2,
+                                   **dict(options, user_defined_symbols=["[UNUSED_0]", "[UNUSED_1]"]))
+    model = tmp_path / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    start, end = sp.piece_to_id("[UNUSED_0]"), sp.piece_to_id("[UNUSED_1]")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(start): {"content": "<|im_start|>", "special": True}, str(end): {"content": "<|im_end|>", "special": True}
+    }}))
+    enc = ChatEncoder(sp, model)
+    assert (enc.start, enc.end) == (start, end)
+    messages = CONVERSATIONS[0]
+    ids = enc.encode(messages)
+    assert ids.count(end) == 1 and ids.count(-end) == 1 and ids.count(-start) == 2  # the answer's end carries loss
+    out = tmp_path / "hf"
+    write_tokenizer_files(model, out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert [abs(t) for t in ids] == hf_ids(tok, messages)
+    assert enc.encode_prompt(messages[:1]) == hf_ids(tok, messages[:1], add_generation_prompt=True)
+
+
+def test_sft_demo_examples_are_held_out_by_module(tmp_path):
+    """The SFT demo's answers follow its rules, and no module gives both training and test lines."""
+    import ast
+
+    from internlm.data import sft_demo
+
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    for i in range(6):
+        (lib / f"m{i}.py").write_text(f"class C{i}:\n    def __init__(self, a=1):\n        pass\n\n"
+                                      f"    def _get_{i}(self, x):\n        return x\n\n"
+                                      f"def public_{i}(a, *, b=None):\n    return a\n\n"
+                                      f"    # not a def line\ndef {'_' * (i % 2)}two_{i}(cls):\n    pass\n")
+    split = sft_demo.sft_examples(num_test=4, stdlib=str(lib))
+    answers = {r["messages"][0]["content"].splitlines()[1]: r["messages"][1]["content"]
+               for part in split.values() for r in part}
+    assert answers["def __init__(self, a=1):"] == "a special method with default values"
+    assert answers["def _get_0(self, x):"] == "a private method without default values"
+    assert answers["def public_0(a, *, b=None):"] == "a public function with default values"
+    assert answers["def _two_1(cls):"] == "a private class method without default values"
+    modules = {part: {r["messages"][0]["content"].split("_")[-1].split("(")[0] for r in recs
+                      if "public_" in r["messages"][0]["content"]} for part, recs in split.items()}
+    assert modules["test"] and modules["train"] and not modules["test"] & modules["train"]
+    assert len(split["test"]) >= 4
+    node = ast.parse("def f(self, /, a, *args, b=2, **kw): pass").body[0]
+    assert sft_demo.describe(node) == "a public method with default values"

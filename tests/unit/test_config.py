@@ -26,8 +26,9 @@ from internlm.parallel_dims import shard_group_size
 from tests.helpers import ROOT, run_python
 
 CONFIGS = ROOT / "configs"
-SHIPPED = ["demo.py", "7B_sft.py", "7B_internlm2.py", "8B_internlm3.py"]
-NO_DATA = ("data.train_folder=None", "data.valid_folder=None")
+SHIPPED = ["demo.py", "7B_sft.py", "7B_internlm2.py", "8B_internlm3.py", "demo_sft.py", "7B_internlm2_sft.py",
+           "tiny_hf_sft.py"]
+NO_DATA = ("data.train_folder=None", "data.valid_folder=None", "data.type='tokenized'")
 
 
 def demo(*overrides):
@@ -70,7 +71,8 @@ def test_shipped_config_loads_and_round_trips_through_yaml(name, tmp_path):
 
 
 @pytest.mark.parametrize("name,world_size", [("demo.py", 1), ("demo.py", 2), ("7B_sft.py", 16),
-                                             ("7B_internlm2.py", 8), ("8B_internlm3.py", 8)])
+                                             ("7B_internlm2.py", 8), ("8B_internlm3.py", 8),
+                                             ("7B_internlm2_sft.py", 8)])
 def test_shipped_config_fits_a_world_size(name, world_size):
     validate(load_config(CONFIGS / name, NO_DATA), world_size=world_size)
 
@@ -488,7 +490,7 @@ def test_key_table_doc_is_generated_from_the_schema():
     doc = (ROOT / "doc" / "config_keys.md").read_text()
     assert doc == markdown(), "doc/config_keys.md is stale: python -m internlm.config.docs > doc/config_keys.md"
     assert "| `model.hidden_size` | int | *required* |" in doc and "| `adam.lr` | float | `0.0001` |" in doc
-    assert "| `data.num_worker` | int | `0` | InternEvo's data loader workers (*no effect*:" in doc
+    assert "| `data.skip_batches` | str or None | `''` | InternEvo's batches to skip (*no effect*:" in doc
 
 
 def test_train_py_prints_the_config_keys():

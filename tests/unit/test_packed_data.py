@@ -293,12 +293,18 @@ def test_valid_loader_equal_counts_and_coverage():
         assert len(counts) == 1
         assert counts.pop() == (len(ds) // micro_bsz) // dp_size
         flat = [b for batches in per_rank for b in batches]
-        for got, want in zip(flat, whole):
+        n = len(flat)
+        picked = [(i * len(whole)) // n for i in range(n)]  # spread evenly, distinct, in order
+        assert len(set(picked)) == n
+        for got, i in zip(flat, picked):
             for key in BATCH_KEYS:
                 assert got[key].shape == (1, micro_bsz * packed_length)
-                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+                torch.testing.assert_close(got[key], whole[i][key], rtol=0, atol=0)
+    # a capped pass samples the whole set, not its first micro-batches (e.g. one type of several)
     capped = [build_valid_loader(src, packed_length, micro_bsz, 2, r, 2) for r in range(2)]
     assert [len(b) for b in capped] == [2, 2]
+    last = capped[1][1]["input_ids"]
+    assert torch.equal(last, whole[(3 * len(whole)) // 4]["input_ids"])
     with pytest.warns(UserWarning, match="validation is skipped"):
         assert build_valid_loader(src, packed_length, micro_bsz=1000, valid_micro_num=1, dp_rank=0, dp_size=1) == []
 
