@@ -68,9 +68,15 @@ def make_target(labels: torch.Tensor, type_ids: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLMLoss:
-    def __init__(self, num_types: int, label_smoothing: float = 0.0, device=None, kernel: str = "auto"):
+    def __init__(self, num_types: int, label_smoothing: float = 0.0, device=None, kernel: str = "auto",
+                 sp_group=None, sp_size: int = 1):
+        """`sp_group`/`sp_size`: the sequence-parallel ("isp") group that splits each micro-batch's tokens:
+        each rank divides its local loss sum by the group's total count, records 1/sp_size of a
+        micro-batch, and scales its backward by sp_size (FSDP averages the gradients over the group,
+        which must add up)."""
         if kernel not in LOSS_KERNELS:
             raise ValueError(f"loss kernel must be one of {LOSS_KERNELS}, got {kernel!r}")
+        self.sp_group, self.sp_size = sp_group, sp_size
         self.num_types = max(1, num_types)
         self.label_smoothing = label_smoothing
         self.kernel = kernel
@@ -107,8 +113,12 @@ class PackedLMLoss:
         labels, types = target[..., 0], target[..., 1]
         tok = self.token_losses(logits, labels)
         valid = (labels.reshape(-1) != -100)
-        count = valid.sum().clamp(min=1)
-        loss = tok.sum() / count
+        count = valid.sum()
+        if self.sp_size > 1 and logits.device.type != "meta":
+            import torch.distributed as dist
+
+            dist.all_reduce(count, group=self.sp_group)  # the micro-batch's count, over its sequence shards
+        loss = tok.sum() / count.clamp(min=1)
         if logits.device.type == "meta":  # the pipeline's shape inference: nothing to record
             return loss
         with torch.no_grad():
@@ -117,9 +127,10 @@ class PackedLMLoss:
             n = self.num_types
             row = torch.zeros(2 + 2 * n, dtype=torch.float64, device=local_tok.device)
             row[0] = value.detach().double()
-            row[1] = 1.0
+            row[1] = 1.0 / self.sp_size  # the group's shards add up to one micro-batch
             t = types.reshape(-1)[valid].clamp(0, n - 1)
             row[2:2 + n].index_add_(0, t, local_tok.detach()[valid].double())
             row[2 + n:].index_add_(0, t, torch.ones_like(t, dtype=torch.float64))
             self.records.append(row)
-        return loss * self.scale if self.scale != 1.0 else loss
+        scale = self.scale * self.sp_size
+        return loss * scale if scale != 1.0 else loss

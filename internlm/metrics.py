@@ -345,15 +345,18 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = ""):
 
 class MetricsWriter:
     """Appends one JSON object per step to ``run_folder/metrics.jsonl`` and mirrors the numeric values
-    to TensorBoard in ``run_folder/tensorboard``. Create it on the logging rank only.
+    to TensorBoard in ``tensorboard_folder`` (default ``run_folder/tensorboard``; the config's
+    ``enable_tb`` and ``tensorboard_folder``). Create it on the logging rank only.
 
     Non-finite floats (a NaN loss, an inf grad norm) are written to JSON as null so that the file
     stays strict JSON; TensorBoard receives the raw value.
     """
 
-    def __init__(self, run_folder: str | os.PathLike, enable_tensorboard: bool = True):
+    def __init__(self, run_folder: str | os.PathLike, enable_tensorboard: bool = True,
+                 tensorboard_folder: str | os.PathLike | None = None):
         global _tensorboard_warned
         self.run_folder = os.fspath(run_folder)
+        self.tensorboard_folder = os.fspath(tensorboard_folder or os.path.join(self.run_folder, "tensorboard"))
         os.makedirs(self.run_folder, exist_ok=True)
         self.jsonl_path = os.path.join(self.run_folder, "metrics.jsonl")
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
@@ -366,7 +369,7 @@ class MetricsWriter:
                     logger.warning("TensorBoard unavailable (%s); writing metrics.jsonl only", exc)
                     _tensorboard_warned = True
             else:
-                self._tb = SummaryWriter(log_dir=os.path.join(self.run_folder, "tensorboard"), flush_secs=30)
+                self._tb = SummaryWriter(log_dir=self.tensorboard_folder, flush_secs=30)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {"step": int(step)}

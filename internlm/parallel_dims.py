@@ -29,7 +29,11 @@ class ParallelDims:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
-    tp_mode: str = "mtp"  # "mtp" or "msp" (tensor + sequence parallel)
+    tp_mode: str = "mtp"  # "mtp", "msp" (tensor + sequence parallel) or "isp" (sequence + head parallel)
+    wp: int = 1  # with "isp": ranks of the tp group that shard each weight (weight parallelism)
+    head: int = 0  # with "isp": 2D sequence parallelism, tp = head x context (0: head = tp, context = 1)
+    context: int = 1
+    head_first: bool = True  # head-parallel ranks innermost (consecutive)
     reshard_after_forward: bool = False  # parallel.zero1.fsdp: parameters resharded after forward (ZeRO-3)
     num_chunks: int = 1
     pp_mode: str = "1f1b"
@@ -39,6 +43,14 @@ class ParallelDims:
         if product != self.world_size:
             raise ValueError(f"pp({self.pp}) x dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) "
                              f"x tp({self.tp}) = {product} != world size {self.world_size}")
+        if self.tp % self.wp or (self.wp > 1 and self.tp_mode != "isp"):
+            raise ValueError(f"weight parallelism ({self.wp}) works within an isp group of size tp={self.tp}")
+        if not self.head:
+            self.head = self.tp // self.context
+        if self.head * self.context != self.tp:
+            raise ValueError(f"head({self.head}) x context({self.context}) != tp({self.tp})")
+        self._fsdp_mesh = None
+        self._sp_groups = None
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> "ParallelDims":
@@ -46,9 +58,17 @@ class ParallelDims:
         tp, pp = par.tensor.size, par.pipeline.size
         dp = world_size // (tp * pp)
         zero1 = shard_group_size(par.zero1.size, dp)
+        isp = par.tensor.mode == "isp"
+        # weight.size beyond the isp group shards over data-parallel ranks too: zero1's job here (it shards
+        # over dp_shard x wp), so wp stops at the group
+        wp = min(par.weight.size, tp) if isp else par.weight.size
+        s2d = par.sequence_2D
+        two_d = isp and s2d.enable
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
-                   tp_mode=par.tensor.mode, reshard_after_forward=par.zero1.fsdp, num_chunks=cfg.model.num_chunks,
-                   pp_mode=par.pipeline.mode)
+                   tp_mode=par.tensor.mode, wp=wp, reshard_after_forward=par.zero1.fsdp,
+                   num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
+                   head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
+                   head_first=s2d.device_placement_strategy.head_first)
 
     @property
     def dp(self) -> int:
@@ -57,6 +77,55 @@ class ParallelDims:
     @property
     def sequence_parallel(self) -> bool:
         return self.tp > 1 and self.tp_mode == "msp"
+
+    @property
+    def tensor_parallel(self) -> int:
+        """Megatron-style tensor parallel degree (mtp/msp): weights split, tokens replicated."""
+        return self.tp if self.tp_mode != "isp" else 1
+
+    @property
+    def isp(self) -> int:
+        """Sequence-parallel degree of "isp": tokens split, weights whole (or split by wp)."""
+        return self.tp if self.tp_mode == "isp" else 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP (Hybrid ZeRO) wraps the model: data parallelism, or isp's replicated weights."""
+        return self.dp > 1 or self.isp > 1
+
+    def sp_coords(self, tp_rank: int) -> tuple[int, int]:
+        """(head rank, context rank) of a tp-group rank under 2D sequence parallelism."""
+        if self.head_first:
+            return tp_rank % self.head, tp_rank // self.head
+        return tp_rank // self.context, tp_rank % self.context
+
+    def sp_groups(self, mesh: DeviceMesh):
+        """(head group, context group) of this rank: the tp group split in two (built once, on every rank)."""
+        if self._sp_groups is None:
+            inner = (self.context, self.head) if self.head_first else (self.head, self.context)
+            names = ("context", "head") if self.head_first else ("head", "context")
+            two_d = init_device_mesh(mesh.device_type, (self.pp, self.dp_replicate, self.dp_shard, *inner),
+                                     mesh_dim_names=("pp", "dp_replicate", "dp_shard", *names))
+            self._sp_groups = (two_d["head"].get_group(), two_d["context"].get_group())
+        return self._sp_groups
+
+    def fsdp_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """The 2-D (replicate, shard) mesh of Hybrid ZeRO for this rank. Without isp: dp_replicate x
+        dp_shard. With isp the tp group holds S = tp / wp replicas of wp shards of each weight, so
+        FSDP replicates over dp_replicate x (tp / wp) and shards over dp_shard x wp: a mesh of its own
+        (its ranks are not a slice of the main one), built once, on every rank."""
+        if self.isp == 1:
+            return mesh["dp_replicate", "dp_shard"]
+        if self._fsdp_mesh is None:
+            import torch
+
+            ranks = torch.arange(self.world_size).reshape(self.pp, self.dp_replicate, self.dp_shard,
+                                                          self.tp // self.wp, self.wp)
+            ranks = ranks.permute(0, 1, 3, 2, 4).reshape(self.pp, self.dp_replicate * self.tp // self.wp,
+                                                         self.dp_shard * self.wp)
+            full = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "fsdp_replicate", "fsdp_shard"))
+            self._fsdp_mesh = full["fsdp_replicate", "fsdp_shard"]
+        return self._fsdp_mesh
 
     def coords(self, rank: int) -> dict:
         out = {}
@@ -69,7 +138,8 @@ class ParallelDims:
     def describe(self) -> str:
         return (f"world={self.world_size} pp={self.pp} dp={self.dp} (zero1={self.dp_shard}, "
                 f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}) "
-                f"tp={self.tp} ({self.tp_mode})"
+                f"tp={self.tp} ({self.tp_mode}{f', wp={self.wp}' if self.wp > 1 else ''}"
+                f"{f', head={self.head} x context={self.context}' if self.context > 1 else ''})"
                 + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else ""))
 
     def build_mesh(self, device_type: str) -> DeviceMesh:

@@ -149,16 +149,24 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
     """Apply the layout to one model part; `model_cfg` is the config's `model` section (checkpointing,
     compile), `hybrid_zero` its `hybrid_zero_optimizer` section. Returns True when FSDP manages the
     compute dtype (else the trainer uses autocast)."""
-    if dims.tp > 1:
+    if dims.tensor_parallel > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
+    if dims.isp > 1:
+        from internlm.sequence_parallel import apply_sequence_parallel
+
+        if dims.context > 1:
+            head_group, context_group = dims.sp_groups(mesh)
+            apply_sequence_parallel(model, head_group, dims.head, context_group, dims.context)
+        else:
+            apply_sequence_parallel(model, mesh["tp"].get_group(), dims.isp)
     policy = model_cfg.checkpoint_policy
     n_ckpt = apply_activation_checkpointing(model, model_cfg.checkpoint, policy)
     if n_ckpt:
         logger.info(f"activation checkpointing ({policy}) on {n_ckpt} of {len(model.layers)} layers of this stage")
     if model_cfg.compile:
         apply_compile(model)
-    if dims.dp > 1:
-        apply_hybrid_zero(model, mesh["dp_replicate", "dp_shard"], compute_dtype,
+    if dims.fsdp:
+        apply_hybrid_zero(model, dims.fsdp_mesh(mesh), compute_dtype,
                           reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero))
         return True
     return False

@@ -91,8 +91,9 @@ def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, 
     compiled = cfg.model.compile
     norm = {"apex": "apex fused RMSNorm", "torch": "torch F.rms_norm (fp32)"}[rms_norm_impl(device)]
     ckpt = cfg.model.checkpoint
-    if loss_kernel == "torch" or dims.tp > 1:
-        loss = "torch cross_entropy" + (" (loss_parallel over the vocabulary shards)" if dims.tp > 1 else "")
+    if loss_kernel == "torch" or dims.tensor_parallel > 1:
+        sharded = dims.tensor_parallel > 1
+        loss = "torch cross_entropy" + (" (loss_parallel over the vocabulary shards)" if sharded else "")
     else:
         loss = f"chunked fp32 cross entropy ({loss_kernel})"
     adamw = {"fused": "torch AdamW (fused)", "foreach": "torch AdamW (foreach)", "apex": "apex FusedAdam"}[adamw_kind]
@@ -107,7 +108,7 @@ def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, 
         "adamw": adamw,
         "compile": "per transformer block" if compiled else "off",
         "activation_checkpointing": f"{cfg.model.checkpoint_policy} ({ckpt})" if ckpt else "off",
-        "fsdp_prefetch": ("n/a (no data parallelism)" if dims.dp == 1
+        "fsdp_prefetch": ("n/a (no data parallelism)" if not dims.fsdp
                           else "on" if fsdp_prefetch(cfg.hybrid_zero_optimizer) else "off"),
         "malloc": malloc_state() if device.type == "cpu" else "n/a (CUDA caching allocator)",
     }

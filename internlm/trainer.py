@@ -58,7 +58,9 @@ class Trainer:
         self.kernels = kernel_report(cfg, self.device, self.dims, self.model_kernels, self.dtype,
                                      loss_kernel=self.loss_fn.kernel, adamw_kind=self.optimizer.adamw_kind)
         logger.info("kernels: " + ", ".join(f"{k}={v}" for k, v in self.kernels.items()))
-        self.writer = metrics.MetricsWriter(self.run_folder) if self.is_logging_rank else None
+        self.writer = metrics.MetricsWriter(self.run_folder, cfg.enable_tb, cfg.tensorboard_folder) \
+            if self.is_logging_rank else None
+        self.step_hooks = []  # hook(step, metrics) after every step on every rank (alerts, --profiling)
         self.state = TrainState()
         self.eta = metrics.EtaClock()
         self.guard = DivergenceGuard(cfg.hybrid_zero_optimizer.max_skipped_steps, cfg.monitor.loss_spike_factor,
@@ -72,7 +74,7 @@ class Trainer:
         run_meta = {"model_type": cfg.model_type, "dtype": str(self.dtype), "num_params": self.model_args.num_params(),
                     "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "zero1": d.dp_shard, "dp_replicate": d.dp_replicate,
                                "num_chunks": d.num_chunks, "pp_mode": d.pp_mode, "tp_mode": d.tp_mode,
-                               "fsdp": d.reshard_after_forward}}
+                               "wp": d.wp, "fsdp": d.reshard_after_forward}}
         # saves, snapshots, stop signals (see doc/checkpoint.md)
         self.checkpoints = CheckpointManager(
             cfg, model_parts=self.model_parts, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
@@ -130,7 +132,9 @@ class Trainer:
         self.type_names = builders.type_names(train_src, valid_src)
         self.train_loader = builders.train_loader(cfg, train_src, self.seed, self.dp_rank, self.dp_size)
         self.valid_batches = builders.valid_batches(cfg, valid_src, self.dp_rank, self.dp_size)
-        self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.label_smoothing, self.device, kernel=cfg.loss.kernel)
+        isp = self.dims.isp
+        self.loss_fn = PackedLMLoss(len(self.type_names), cfg.loss.label_smoothing, self.device, kernel=cfg.loss.kernel,
+                                    sp_group=self.mesh["tp"].get_group() if isp > 1 else None, sp_size=isp)
         self.global_tokens_per_step = self.train_loader.tokens_per_step_global
         if self.dims.pp > 1:
             self.schedule, self.stages = pipeline.build_schedule(
@@ -162,7 +166,7 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------
     def _context(self):
         stack = contextlib.ExitStack()
-        if self.dims.tp > 1:
+        if self.dims.tensor_parallel > 1:
             stack.enter_context(loss_parallel())
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
@@ -174,6 +178,11 @@ class Trainer:
         inputs = batch["input_ids"].to(dev)
         positions = batch["position_ids"].to(dev)
         target = make_target(batch["labels"], batch["type_ids"]).to(dev)
+        if self.dims.isp > 1:  # sequence parallel: this rank's tokens of every micro-batch
+            from internlm.sequence_parallel import token_indices
+
+            index = token_indices(inputs.shape[1], self.coords["tp"], self.dims).to(dev)
+            inputs, positions, target = (t[:, index] for t in (inputs, positions, target))
         n_micro = inputs.shape[0]
         if self.dims.pp > 1:
             with self._context():
@@ -209,8 +218,8 @@ class Trainer:
         n = lf.num_types
         type_loss = {name: (stats[2 + i] / stats[2 + n + i]).item()
                      for i, name in enumerate(self.type_names) if stats[2 + n + i] > 0}
-        # every tensor-parallel rank of the last stage records the same tokens
-        return loss, type_loss, round(stats[2 + n:].sum().item() / self.dims.tp)
+        # every tensor-parallel rank of the last stage records the same tokens (isp ranks: their own)
+        return loss, type_loss, round(stats[2 + n:].sum().item() / self.dims.tensor_parallel)
 
     def train_step(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -312,6 +321,8 @@ class Trainer:
                 self.writer.write(self.step, m)
                 if self.step % log_every == 0 or self.step == total or "valid_loss" in m:
                     logger.info(metrics.format_log_line(self.step, m), extra=LOG_LINE)
+            for hook in self.step_hooks:
+                hook(self.step, m)
             if self.checkpoints.after_step(self.step, total):  # saved; a stop file or signal asked to stop
                 break
         self.checkpoints.finish()

@@ -34,6 +34,33 @@ from internlm.log import logger
 ALL_CONTENT = frozenset({"model", "optimizer", "scheduler", "sampler", "all"})
 # test hook: "STEP:SECONDS" makes rank 0 sleep between writing step STEP and publishing it
 SLOW_SAVE_ENV = "INTERNLM_CKPT_TEST_SLOW_SAVE"
+STOP_NOW = "now"
+
+
+def read_stop_file(path) -> int | str | None:
+    """What the stop file asks, by InternEvo's convention that it holds a step number:
+
+    - None: there is no file, or it holds 0 (InternEvo writes 0 into it at start: nothing asked);
+    - N > 0: save a checkpoint at the end of step N and stop (a step already passed: at the end of
+      the current step; InternEvo would never stop);
+    - -N: save a checkpoint at the end of step N and train on;
+    - STOP_NOW: the file is empty or holds no integer (`touch STOP`): save and stop at the end of the
+      current step.
+    """
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a directory, no permission ...: not a request
+        logger.warning(f"cannot read the stop file {path}: {exc.strerror or exc}")
+        return None
+    if not text:
+        return STOP_NOW
+    try:
+        value = int(text)
+    except ValueError:
+        return STOP_NOW
+    return value or None
 
 
 def storage_problem(exc: BaseException, folder) -> str | None:
@@ -71,6 +98,10 @@ class CheckpointManager:
         self.snapshot_every = ck.oss_snapshot_freq
         self.async_save = ck.async_upload
         self.stop_file = ck.stop_file_path
+        self._stop_file_seen = None  # the last request read from the stop file (logged once per new request)
+        # called (rank 0) with one line on each saved checkpoint and stop-file request; the train
+        # command points it at the Feishu alerts (internlm.alert)
+        self.notify = lambda text: None
         self.keep_last = ck.keep_last
         self.last_saved_step = None
         self.last_complete = None  # the newest step this run saved completely
@@ -223,6 +254,8 @@ class CheckpointManager:
         if self.rank == 0:
             lay = meta.get("layout", {})
             saved = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "zero1", "num_chunks") if k in lay)
+            if lay.get("tp_mode") == "isp":
+                saved += f" (isp{', wp=' + str(lay['wp']) if lay.get('wp', 1) > 1 else ''})"
             logger.info(f"{'resumed' if 'sampler' in loaded else 'loaded'} from {path} "
                  f"(step {info.step}{', saved under ' + saved if saved else ''}): {', '.join(loaded)} "
                  f"in {time.perf_counter() - t0:.1f}s")
@@ -263,17 +296,50 @@ class CheckpointManager:
             signal.signal(sig, old)
         self._old_handlers = None
 
-    def _stop_request(self) -> str | None:
-        """Why every rank must stop now, or None. All ranks agree (one tiny all_reduce per step)."""
-        flags = torch.tensor([self._signal is not None,
-                              bool(self.stop_file) and os.path.exists(self.stop_file)], dtype=torch.int32)
+    def _stop_file_request(self, step: int) -> tuple[bool, bool]:
+        """Rank 0: what the stop file asks of this step, as (stop, save). See read_stop_file."""
+        request = read_stop_file(self.stop_file) if self.stop_file else None
+        if request != self._stop_file_seen and request is not None:
+            if request == STOP_NOW:
+                what = "a stop at the end of this step"
+            elif request > 0:
+                what = f"a checkpoint and a stop at step {request}" + (", already reached: stopping at the end of "
+                                                                        "this step" if step >= request else "")
+            else:
+                what = f"a checkpoint at step {-request}, then training on" + (
+                    " (a step already passed: nothing to do)" if step > -request else "")
+            line = f"stop file {self.stop_file} asks for {what} (now at step {step})"
+            logger.info(line)
+            self.notify(line)
+        self._stop_file_seen = request
+        if request is None:
+            return False, False
+        if request == STOP_NOW or step >= request > 0:
+            return True, False
+        return False, request < 0 and step == -request
+
+    def _stop_request(self, step: int) -> tuple[str | None, bool]:
+        """(why every rank must stop now, or None; whether the stop file asks for a checkpoint now). All
+        ranks agree: rank 0 reads the stop file, every rank its signal flag, one tiny all_reduce per step."""
+        stop_file, save_file = self._stop_file_request(step) if self.rank == 0 else (False, False)
+        flags = torch.tensor([self._signal is not None, stop_file, save_file], dtype=torch.int32)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
-            return f"signal {self._signal}" if self._signal else "a signal on another rank"
+            return (f"signal {self._signal}" if self._signal else "a signal on another rank"), False
         if flags[1]:
-            return f"stop file {self.stop_file}"
-        return None
+            return f"stop file {self.stop_file}", False
+        return None, bool(flags[2])
+
+    def _consume_stop_file(self) -> None:
+        """Rank 0, once the stop file's request is done: remove the file, so that a restarted job trains on."""
+        try:
+            os.remove(self.stop_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning(f"cannot remove the stop file {self.stop_file} after acting on it: {exc.strerror or exc}")
+        self._stop_file_seen = None
 
     # ---- saving ----------------------------------------------------------------------------------------
     def after_step(self, step: int, total: int) -> bool:
@@ -282,14 +348,19 @@ class CheckpointManager:
             self._install_signal_handlers()
         self._poll_async()
         with phase(f"step {step} stop check"):
-            reason = self._stop_request()
+            reason, save_asked = self._stop_request(step)
+        if save_asked and not self.enabled and self.rank == 0:
+            logger.warning(f"stop file {self.stop_file} asks for a checkpoint at step {step}, but "
+                           f"ckpt.enable_save_ckpt is False")
         if self.enabled and self.folder is not None:
-            if reason or step >= total or step % self.every == 0:
+            if reason or save_asked or step >= total or step % self.every == 0:
                 with phase(f"step {step} save"):
                     self.save(step, "checkpoint")
             elif self.snapshot_every and step % self.snapshot_every == 0:
                 with phase(f"step {step} snapshot"):
                     self.save(step, "snapshot")
+        if save_asked and self.rank == 0:
+            self._consume_stop_file()
         if reason is None:
             return False
         self.wait()
@@ -298,8 +369,8 @@ class CheckpointManager:
                 logger.warning(f"stopping on {reason} without a checkpoint: ckpt.enable_save_ckpt is False")
             logger.info(f"stopped after step {step} on {reason}"
                  + (f"; checkpoint {self.folder / str(step)}" if self.enabled else ""))
-            if reason.startswith("stop file") and os.path.exists(self.stop_file):
-                os.remove(self.stop_file)  # consumed: a restarted job must not stop again at once
+            if reason.startswith("stop file"):
+                self._consume_stop_file()
         return True
 
     def save(self, step: int, what: str = "checkpoint") -> Path | None:
@@ -401,6 +472,8 @@ class CheckpointManager:
         logger.info(f"saved {what} of step {step} to {final} in {time.perf_counter() - t0:.2f}s "
                     f"(checksums {hash_seconds:.2f}s)"
                     + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
+        if what == "checkpoint":
+            self.notify(f"Saved the checkpoint of step {step} to {final}.")
 
     def _poll_async(self) -> None:
         if self._pending is not None and self._future(self._pending[0]).done():

@@ -1,6 +1,6 @@
 """Train an InternLM-family model from a config file.
 
-    python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [KEY=VALUE ...]
+    python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [--profiling] [KEY=VALUE ...]
     torchrun --nproc_per_node 8 train.py --config configs/7B_sft.py parallel.tensor.size=2
     srun -N 2 --ntasks-per-node 8 python train.py --config configs/7B_sft.py --launcher slurm --port 29500
 
@@ -21,6 +21,9 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default="torch", choices=["torch", "slurm"])
     p.add_argument("--port", type=int, default=None, help="master port (slurm; overrides torchrun's)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--profiling", action="store_true",
+                   help="write a torch profiler trace of a few steps (and a CUDA memory snapshot) to "
+                        "<run folder>/profile")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the layout for --world-size processes, print them, exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -56,9 +59,34 @@ def main(argv=None) -> int:
     if args.dry_run:
         return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     from internlm.errors import run_guarded
+
+    return run_guarded(lambda: train(cfg, args.launcher, args.port, args.profiling))
+
+
+def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool = False) -> None:
+    """Build the trainer and run it, with the Feishu alerts of `monitor.alert` around the whole run
+    (start, failure, end) and on its events, and the step profiler of --profiling."""
+    from internlm.alert import Alerts, rank_from_env
     from internlm.trainer import Trainer
 
-    return run_guarded(lambda: Trainer(cfg, launcher=args.launcher, port=args.port).fit())
+    alerts = Alerts.from_config(cfg, rank_from_env(launcher))
+    with alerts.watch():
+        trainer = Trainer(cfg, launcher=launcher, port=port)
+        trainer.step_hooks.append(alerts.after_step)
+        trainer.checkpoints.notify = alerts.send
+        profiler = None
+        if profiling:
+            from internlm.profiling import StepProfiler
+
+            profiler = StepProfiler(trainer.run_folder, trainer.rank, trainer.device, first_step=trainer.step)
+            trainer.step_hooks.append(profiler.after_step)
+            profiler.start()
+        try:
+            trainer.fit()
+        finally:
+            if profiler is not None:
+                profiler.stop()
+        alerts.finished(trainer.step, cfg.data.total_steps)
 
 
 def dry_run(cfg, world_size: int) -> int:

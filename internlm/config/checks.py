@@ -6,6 +6,7 @@ Each check takes the dotted path (for the message) and the value, and returns th
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from internlm.errors import UserError
@@ -157,21 +158,39 @@ def rope_scaling(path, value):
     return {"type": "dynamic", "factor": float(factor)}
 
 
-_OBJECT_STORE_PREFIXES = ("boto3:", "oss:", "s3:", "volc:")
+# InternEvo's storage prefixes for object stores (boto3/volc: S3 APIs, oss2: Aliyun OSS) and the URL
+# schemes of other remote stores: none is a folder on this machine
+_OBJECT_STORE_PREFIXES = ("boto3:", "oss2:", "oss:", "volc:", "s3:", "s3a:", "gs:", "hdfs:", "http:", "https:")
 
 
 def local_path(path, value):
-    """Accept a plain path or InternEvo's 'local:' prefix (which is dropped); refuse object stores."""
+    """A plain path, or InternEvo's 'local:' prefix (dropped). An object-store path is refused here, at
+    load time: written as a local path it would become a folder named 'oss2:...' in the working directory."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise ConfigError(f"config key '{path}' must be a path string or None, got {show(value)}.")
-    if value.lower().startswith(_OBJECT_STORE_PREFIXES):
-        raise ConfigError(f"config key '{path}'={value!r}: object-store checkpoints are not supported yet; "
-                          f"use a local path.")
+    lowered = value.strip().lower()
+    store = next((p for p in _OBJECT_STORE_PREFIXES if lowered.startswith(p)), None)
+    url = re.match(r"[a-z][a-z0-9+.-]*://", lowered)
+    if store is None and url:
+        store = url.group(0)
+    if store is not None:
+        raise ConfigError(f"config key '{path}'={value!r} names remote storage ({store}), which this trainer does "
+                          f"not read or write; use a local or shared-filesystem path (optionally 'local:/path').")
     if value.startswith("local:"):
         value = value[len("local:"):]
     return value
+
+
+def http_url(path, value):
+    """A webhook address: an http(s) URL, or None."""
+    if value is None:
+        return None
+    if not re.match(r"https?://[^/\s]+", value.strip()):
+        raise ConfigError(f"config key '{path}' must be an http:// or https:// URL (a Feishu bot webhook), "
+                          f"got {value!r}.")
+    return value.strip()
 
 
 CKPT_CONTENT = ("model", "optimizer", "scheduler", "sampler", "all")
@@ -215,18 +234,15 @@ def tensor_mode(path, value):
     if value == "fsp":
         raise ConfigError(f"{path}='fsp' is not supported: use 'msp' (TP with sequence parallel), "
                           f"which shards the same activations.")
-    if value == "isp":
-        raise ConfigError(f"{path}='isp' (InternEvo's intern sequence parallel) is not supported: use "
-                          f"parallel.zero1.fsdp=True with parallel.tensor.mode='msp' instead.")
-    if value not in ("mtp", "msp"):
-        raise ConfigError(f"config key '{path}' must be 'mtp' (tensor parallel) or 'msp' (tensor + sequence "
-                          f"parallel), got {value!r}.")
+    if value not in ("mtp", "msp", "isp"):
+        raise ConfigError(f"config key '{path}' must be 'mtp' (tensor parallel), 'msp' (tensor + sequence "
+                          f"parallel) or 'isp' (sequence + head parallel), got {value!r}.")
     return value
 
 
 def weight_size(path, value):
-    if value != 1:
-        raise ConfigError(f"{path}={value}: weight parallel (wp) is not supported; use parallel.zero1 with fsdp=True.")
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config key '{path}' must be a positive integer, got {show(value)}.")
     return value
 
 

@@ -1,4 +1,5 @@
-"""Reading a config: a .py (InternEvo style) or .yaml file, dotted KEY=VALUE overrides, defaults, checks.
+"""Reading a config: a .py (InternEvo style) or .yaml file (files.py: reading, `read_base` / `_base_`
+inheritance), dotted KEY=VALUE overrides, defaults, checks.
 
 Top-level names in UPPER_CASE are the user's own variables (SEQ_LEN, HIDDEN_SIZE, ...) and are kept as
 they are; every lower-case name must be a key of the schema (schema.py), so a typo fails at load time
@@ -14,16 +15,11 @@ import copy
 import dataclasses
 import difflib
 import os
-import runpy
-import traceback
-import types
-from pathlib import Path
 from typing import Iterable
-
-import yaml
 
 from internlm.config import checks
 from internlm.config.checks import ConfigError
+from internlm.config.files import read_raw
 from internlm.config.schema import DERIVED, REQUIRED, KeyInfo, TrainConfig, is_section, keys_of, shorthand_of
 from internlm.model.shape import default_head_dim, has_bias, swiglu_hidden_dim
 
@@ -101,7 +97,7 @@ def resolve_section(prefix: str, section_cls, raw, notices: list) -> dict:
             out[name] = resolve_section(path, entry, raw.get(name), notices)
         elif name in raw and not (raw[name] is None and entry.default is DERIVED):
             out[name] = check_value(path, entry, raw[name])
-            if entry.inert:
+            if entry.inert and not (out[name] is None and entry.default_value() is None):  # None: nothing set
                 notices.append(path)
         elif entry.default is REQUIRED:
             raise ConfigError(f"missing required config key '{path}'.")
@@ -130,6 +126,11 @@ def fill_derived(cfg: dict, user_vars: dict) -> None:
         model["intermediate_size"] = swiglu_hidden_dim(model["hidden_size"], model["mlp_ratio"], model["multiple_of"])
     if model["no_bias"] is DERIVED:
         model["no_bias"] = not has_bias(cfg["model_type"])
+    if data["valid_micro_num"] is DERIVED:
+        data["valid_micro_num"] = data["micro_num"]
+    ckpt = cfg["ckpt"]
+    if ckpt["enable_save_ckpt"] is DERIVED:  # InternEvo's default is True, and then it needs a folder
+        ckpt["enable_save_ckpt"] = bool(ckpt["save_ckpt_folder"])
     if cfg["lr_scheduler"]["total_steps"] is DERIVED:
         cfg["lr_scheduler"]["total_steps"] = data["total_steps"]
     beta2 = cfg["beta2_scheduler"]
@@ -232,7 +233,7 @@ def apply_override(raw: dict, override: str) -> None:
             child = _shorthand(entry, child)
             section_cls = entry
         elif section_cls is None or (isinstance(entry, KeyInfo) and entry.kind in ("dict", "any")):
-            section_cls = None  # a free-form dict (monitor.alert, model.rope_scaling, ...)
+            section_cls = None  # a free-form dict (monitor.tensorboard, model.rope_scaling, ...)
         else:
             raise ConfigError(f"override {override!r}: config key '{path}' is a single value, not a section.")
         if child is None:
@@ -244,53 +245,7 @@ def apply_override(raw: dict, override: str) -> None:
         node = child
 
 
-# ---- files ---------------------------------------------------------------------------------------
-
-def _exec_python(path: Path) -> dict:
-    try:
-        namespace = runpy.run_path(str(path), run_name="__internlm_config__")
-    except SystemExit as exc:  # a config that exits must not end the run "successfully" with nothing done
-        raise ConfigError(f"config file {path} called sys.exit({exc.code!r}) while being read; a config only "
-                          f"assigns values.") from None
-    except SyntaxError as exc:
-        raise ConfigError(f"syntax error in config file {path} at line {exc.lineno}: {exc.msg}.") from None
-    except Exception as exc:  # trusted user code; report where it failed, not a traceback
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
-        where = f" at line {frames[-1].lineno}" if frames else ""
-        raise ConfigError(f"config file {path} failed{where}: {type(exc).__name__}: {exc}.") from None
-    return {
-        name: value for name, value in namespace.items()
-        if not name.startswith("_")
-        and not isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))
-    }
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"YAML error in config file {path}{where}: {problem}.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of names to values, got {checks.show(data)}.")
-    return data
-
-
-def read_raw(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix == ".py":
-        return _exec_python(path)
-    if suffix in (".yaml", ".yml"):
-        return _read_yaml(path)
-    raise ConfigError(f"config file {str(path)!r} must be a .py, .yaml or .yml file.")
-
+# ---- the resolved config as a dict ------------------------------------------------------------
 
 def to_dict(cfg, all_keys: bool = False, _prefix: str = "", _set: tuple = ()) -> dict:
     """A TrainConfig (or any section) as plain nested dicts: user variables first, then the keys.

@@ -62,7 +62,7 @@ class ModelConfig:
     vocab_size: int = key(REQUIRED, "vocabulary size (embedding and output rows)", ge=1)
     hidden_size: int = key(REQUIRED, "model width", ge=1)
     num_layers: int = key(REQUIRED, "transformer blocks", ge=1)
-    mlp_ratio: float = key(8 / 3, "FFN width / hidden_size before rounding to multiple_of", gt=0)
+    mlp_ratio: float = key(4.0, "FFN width / hidden_size before rounding to multiple_of", gt=0)
     multiple_of: int = key(256, "the FFN width is rounded up to a multiple of this", ge=1)
     intermediate_size: int = key(DERIVED, "FFN width; default int(hidden_size * mlp_ratio) rounded up to "
                                           "multiple_of", ge=1)
@@ -102,6 +102,8 @@ class ModelConfig:
     qk_interleaved: bool = key(False, "InternEvo's interleaved rotary layout",
                                inert="rotary embeddings use the half-rotation layout of Hugging Face")
     enable_qkv_fusion: bool | None = key(None, "InternEvo's fused wqkv", inert="q, k and v stay separate matrices")
+    adapt_hf: bool = key(True, "InternEvo's choice of rotary layout (True: Hugging Face's)",
+                         inert="rotary embeddings use the half-rotation layout of Hugging Face")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -109,9 +111,9 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     seq_len: int = key(DERIVED, "tokens per packed sequence; default SEQ_LEN (else 2048)", ge=1)
-    micro_num: int = key(4, "micro-batches per optimizer step (gradient accumulation)", ge=1)
+    micro_num: int = key(1, "micro-batches per optimizer step (gradient accumulation)", ge=1)
     micro_bsz: int = key(1, "sequences per micro-batch (packed end to end: micro_bsz * seq_len tokens)", ge=1)
-    valid_micro_num: int = key(4, "validation micro-batches per data-parallel rank", ge=1)
+    valid_micro_num: int = key(DERIVED, "validation micro-batches per data-parallel rank; default micro_num", ge=1)
     valid_every: int = key(0, "validate every N steps (0: never)", ge=0)
     pack_sample_into_one: bool = key(False, "treat each packed row as one sequence (attention crosses samples)")
     total_steps: int = key(1000, "optimizer steps of the run", ge=1)
@@ -120,11 +122,11 @@ class DataConfig:
                                  "files or a datasets save_to_disk folder, tokenized on the fly with "
                                  "data.tokenizer_path (doc/finetune.md)", choices=("tokenized", "streaming"))
     train_folder: str | None = key(None, "folder of .bin/.bin.meta files, or of raw files with type='streaming' "
-                                         "(None: generated dummy data)")
+                                         "(None: generated dummy data)", check=checks.local_path)
     valid_folder: str | None = key(None, "validation folder, .bin files or raw files (tokenized at start; "
-                                         "None: no validation)")
+                                         "None: no validation)", check=checks.local_path)
     tokenizer_path: str | None = key(None, "sentencepiece model: tokenizes streaming data; recorded for export "
-                                           "and generation")
+                                           "and generation", check=checks.local_path)
     format: str = key("auto", "streaming records: auto (detected per file), text, chat or instruction",
                       choices=("auto", "text", "chat", "instruction"))
     dummy_num_samples: int = key(10000, "samples of the generated dummy data", ge=1)
@@ -163,7 +165,7 @@ class GradScalerConfig:
 class HybridZeroConfig:
     overlap_sync_grad: bool = key(True, "overlap communication with compute (FSDP2 prefetch)")
     overlap_sync_param: bool = key(False, "overlap parameter all-gathers (FSDP2 prefetch)")
-    clip_grad_norm: float | None = key(1.0, "clip the global gradient norm to this (0 or None: no clipping)", ge=0)
+    clip_grad_norm: float | None = key(0.0, "clip the global gradient norm to this (0 or None: no clipping)", ge=0)
     max_skipped_steps: int = key(10, "stop the run after this many consecutive steps with non-finite gradients",
                                  ge=1)
     reduce_bucket_size: int = key(512 * 1024 * 1024, "InternEvo's gradient bucket bytes", ge=1,
@@ -221,7 +223,8 @@ class ZeroConfig:
 class TensorConfig:
     SHORTHAND: ClassVar[str] = "size"
     size: int = key(1, "tensor-parallel degree", ge=1)
-    mode: str = key("mtp", "mtp (tensor parallel) or msp (tensor + sequence parallel)", check=checks.tensor_mode)
+    mode: str = key("mtp", "mtp (tensor parallel), msp (tensor + sequence parallel) or isp (sequence parallel "
+                           "with head-parallel attention, doc/parallel.md)", check=checks.tensor_mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,14 +240,33 @@ class PipelineConfig:
 @dataclass(frozen=True, kw_only=True)
 class WeightConfig:
     SHORTHAND: ClassVar[str] = "size"
-    size: int = key(1, "weight-parallel degree (not supported: must stay 1)", check=checks.weight_size)
-    overlap: bool = key(True, "InternEvo's weight-parallel overlap", inert="weight parallelism is not implemented")
-    memory_pool: bool = key(True, "InternEvo's weight-parallel memory pool",
-                            inert="weight parallelism is not implemented")
+    size: int = key(1, "weight parallelism within the isp group: ranks that shard each weight (divides "
+                       "tensor.size)", check=checks.weight_size)
+    overlap: bool = key(True, "InternEvo's weight-parallel overlap",
+                        inert="FSDP prefetch follows hybrid_zero_optimizer.overlap_sync_param/overlap_sync_grad")
+    memory_pool: bool = key(True, "InternEvo's weight-parallel memory pool", inert="FSDP2 manages its buffers")
     launch_allgather_before: str | None = key(None, "InternEvo's weight-parallel all-gather point",
-                                              inert="weight parallelism is not implemented")
+                                              inert="FSDP2 gathers each block before its forward")
     forward_overlap_per: str | None = key(None, "InternEvo's weight-parallel overlap unit",
-                                          inert="weight parallelism is not implemented")
+                                          inert="FSDP2 gathers each block before its forward")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementConfig:
+    head_first: bool = key(True, "head-parallel ranks are consecutive (else the context-parallel ranks are)")
+    interleaved: bool = key(False, "InternEvo's interleaved context ranks for the double ring",
+                            inert="one ring over the context ranks in rank order")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sequence2DConfig:
+    enable: bool = key(False, "2D sequence parallelism: the isp degree (tensor.size) = head_size x context_size")
+    head_size: int = key(1, "head parallelism: all-to-all around attention (isp's Ulysses exchange)", ge=1)
+    context_size: int = key(1, "context parallelism: ring attention over the context ranks' key/value blocks, "
+                               "zigzag slices", ge=1)
+    window_size: int = key(1, "InternEvo's double-ring window", ge=1,
+                           inert="one ring over all context ranks (no inner/outer window rings)")
+    device_placement_strategy: PlacementConfig = section(PlacementConfig, "rank placement of the 2D groups")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +275,7 @@ class ParallelConfig:
     tensor: TensorConfig = section(TensorConfig, "tensor parallelism")
     pipeline: PipelineConfig = section(PipelineConfig, "pipeline parallelism")
     weight: WeightConfig = section(WeightConfig, "InternEvo's weight parallelism")
+    sequence_2D: Sequence2DConfig = section(Sequence2DConfig, "InternEvo's 2D sequence parallelism (head x context)")
     sequence_parallel: bool = key(False, "sequence parallelism with tensor parallelism (= tensor.mode='msp')")
     collective_timeout_s: int = key(1800, "seconds before a stuck collective fails with the phase it was in", ge=1)
     expert: dict = key(factory=dict, doc="InternEvo's expert parallelism", inert="there are no MoE models yet")
@@ -262,7 +285,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CkptConfig:
-    enable_save_ckpt: bool = key(False, "save checkpoints")
+    enable_save_ckpt: bool = key(DERIVED, "save checkpoints; default: True when save_ckpt_folder is set")
     save_ckpt_folder: str | None = key(None, "folder of the checkpoints (local path; 'local:' prefix accepted)",
                                        check=checks.local_path)
     checkpoint_every: int = key(50, "save every N steps (and at the end)", ge=1)
@@ -271,23 +294,40 @@ class CkptConfig:
                                             "what to load when not resuming", check=checks.load_ckpt_info)
     oss_snapshot_freq: int = key(0, "write a snapshot (two alternating slots) every N steps (0: never)", ge=0)
     async_upload: bool = key(False, "save asynchronously (DCP async_save) while training continues")
-    stop_file_path: str | None = key(None, "a file whose existence stops the run after a checkpoint")
+    stop_file_path: str | None = key(None, "a file holding a step: save and stop at that step (-N: save at step N and "
+                                           "go on; 0: nothing; empty: stop now); doc/checkpoint.md",
+                                     check=checks.local_path)
     keep_last: int = key(0, "keep only the newest N checkpoints (0: all)", ge=0)
-    load_ckpt_folder: str | None = key(None, "InternEvo's legacy load folder", inert="use ckpt.load_ckpt_info")
+    load_ckpt_folder: str | None = key(None, "InternEvo's legacy load folder", inert="use ckpt.load_ckpt_info",
+                                       check=checks.local_path)
     load_given_ckpt: bool = key(False, "InternEvo's legacy switch", inert="use ckpt.load_ckpt_info")
     async_upload_tmp_folder: str | None = key(None, "InternEvo's upload staging folder",
-                                              inert="async saves write straight to save_ckpt_folder")
+                                              inert="async saves write straight to save_ckpt_folder",
+                                              check=checks.local_path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertConfig:
+    enable_feishu_alert: bool = key(False, "post alerts (start, end, exception, NaN/inf or spiking loss, checkpoint "
+                                           "saves, stop file) to feishu_alert_address, from rank 0")
+    feishu_alert_address: str | None = key(None, "the Feishu bot webhook URL the alerts are posted to",
+                                           check=checks.http_url)
+    light_monitor_address: str | None = key(None, "InternEvo's light-monitor heartbeat address",
+                                            inert="no heartbeats are sent, only Feishu alerts")
+    alert_file_path: str | None = key(None, "a local file to which rank 0 appends every alert it sends",
+                                      check=checks.local_path)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MonitorConfig:
-    run_folder: str = key(DERIVED, "metrics.jsonl, TensorBoard events and config.yaml; default runs/<JOB_NAME>")
+    run_folder: str = key(DERIVED, "metrics.jsonl, TensorBoard events and config.yaml; default runs/<JOB_NAME>",
+                          check=checks.local_path)
     log_every: int = key(1, "print a log line every N steps", ge=1)
     peak_tflops: float | None = key(None, "peak TFLOPS per device for MFU (None: known GPU table or measured)", gt=0)
     loss_spike_factor: float = key(3.0, "warn when a step's loss exceeds this multiple of the recent mean (0: off)",
                                    ge=0)
     loss_spike_window: int = key(20, "steps in the recent mean of loss_spike_factor", ge=1)
-    alert: dict = key(factory=dict, doc="InternEvo's Feishu alerts", inert="alerts are not sent")
+    alert: AlertConfig = section(AlertConfig, "Feishu webhook alerts (InternEvo's)")
     tensorboard: dict = key(factory=lambda: {"queue_max_length": 10}, doc="InternEvo's TensorBoard queue",
                             inert="TensorBoard events are written by the metrics writer")
 
@@ -296,8 +336,8 @@ class MonitorConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    JOB_NAME: str = key("internlm", "name of the run (default run folder runs/<JOB_NAME>)")
-    model_type: str = key("INTERNLM2_PUBLIC", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3 or LLAMA2",
+    JOB_NAME: str = key("AnonymousJob", "name of the run (default run folder runs/<JOB_NAME>)")
+    model_type: str = key("INTERNLM", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3 or LLAMA2",
                           check=checks.model_type)
     model: ModelConfig = section(ModelConfig, "the transformer's shape and its kernels")
     data: DataConfig = section(DataConfig, "packed data and batch")
@@ -315,6 +355,9 @@ class TrainConfig:
     cpu_malloc_tuning: bool = key(True, "keep freed memory in glibc's heap on CPU runs (faster steps)")
     cudnn_deterministic: bool = key(False, "torch.backends.cudnn.deterministic")
     cudnn_benchmark: bool = key(False, "torch.backends.cudnn.benchmark")
+    enable_tb: bool = key(True, "write TensorBoard events (metrics.jsonl is written either way)")
+    tensorboard_folder: str | None = key(None, "folder of the TensorBoard events (None: <run_folder>/tensorboard)",
+                                         check=checks.local_path)
     use_fp32_norm: bool | None = key(None, "InternEvo's fp32 norms", inert="norms always compute in fp32")
     generation: dict | None = key(None, "InternEvo's generation settings", inert="no effect on training")
     # not keys: the file's own UPPER_CASE variables, and the InternEvo keys without effect that it set

@@ -47,13 +47,44 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("ckpt.enable_save_ckpt=True needs ckpt.save_ckpt_folder to name a folder.")
 
     tp, pp, chunks = par.tensor.size, par.pipeline.size, model.num_chunks
+    two_d = par.tensor.mode == "isp" and par.sequence_2D.enable  # heads split over head_size only
+    split, split_key = ((par.sequence_2D.head_size, "parallel.sequence_2D.head_size") if two_d
+                        else (tp, "parallel.tensor.size"))
     for name, value in (("model.num_attention_heads", heads), ("model.num_kv_attention_heads", kv)):
-        if value % tp:
-            raise ConfigError(f"{name}={value} is not divisible by parallel.tensor.size={tp}.")
-    if model.vocab_size % tp:
+        if value % split:
+            raise ConfigError(f"{name}={value} is not divisible by {split_key}={split}.")
+    if model.vocab_size % tp and par.tensor.mode != "isp":  # isp splits tokens, not the vocabulary
         padded = math.ceil(model.vocab_size / tp) * tp
         raise ConfigError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tensor.size={tp}; pad "
                           f"the vocabulary to a multiple of {tp} (e.g. model.vocab_size={padded}).")
+    wp = par.weight.size
+    if par.tensor.mode == "isp":
+        tokens = data.micro_bsz * data.seq_len
+        if tokens % tp:
+            raise ConfigError(f"parallel.tensor.mode='isp' splits each micro-batch's {tokens} tokens (data.micro_bsz * "
+                              f"data.seq_len) over parallel.tensor.size={tp} ranks: make it a multiple of {tp}.")
+        if tp % wp and wp % tp:
+            raise ConfigError(f"parallel.weight.size={wp} must divide parallel.tensor.size={tp} or be a multiple of it "
+                              f"(weight parallelism shards weights within the isp group, and beyond it over zero1).")
+        if model.checkpoint and model.checkpoint_policy == "selective":
+            raise ConfigError("model.checkpoint_policy='selective' does not work with parallel.tensor.mode='isp' yet "
+                              "(its all-to-alls run inside the recomputed region): use model.checkpoint_policy='full'.")
+        s2d = par.sequence_2D
+        if s2d.enable:
+            heads_, ctx = s2d.head_size, s2d.context_size
+            if heads_ * ctx != tp:
+                raise ConfigError(f"parallel.sequence_2D: head_size({heads_}) * context_size({ctx}) = {heads_ * ctx} "
+                                  f"must equal parallel.tensor.size={tp}.")
+            if ctx > 1 and tokens % (2 * tp):
+                raise ConfigError(f"parallel.sequence_2D.context_size={ctx} cuts each micro-batch's {tokens} tokens "
+                                  f"into 2 x {ctx} zigzag chunks, each split over head_size={heads_}: make "
+                                  f"data.micro_bsz * data.seq_len a multiple of {2 * tp}.")
+    elif par.sequence_2D.enable:
+        raise ConfigError("parallel.sequence_2D.enable=True needs parallel.tensor.mode='isp' (its degree is "
+                          "head_size x context_size).")
+    elif wp > 1:
+        raise ConfigError(f"parallel.weight.size={wp} works within InternEvo's isp mode: set "
+                          f"parallel.tensor.mode='isp' (or use parallel.zero1.fsdp=True to shard weights).")
     if chunks > 1 and pp == 1:
         raise ConfigError(f"model.num_chunks={chunks} needs pipeline parallelism (parallel.pipeline.size > 1); "
                           f"set model.num_chunks=1.")

@@ -263,7 +263,8 @@ def training_config_from_args(args: ModelArgs, dtype: str = "torch.bfloat16", jo
         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=bool(args.tie_word_embeddings),
         init_std=float(args.init_std), dtype=dtype)
     raw = {"JOB_NAME": job_name, "model_type": args.model_type, "model": model,
-           "data": dict(seq_len=min(2048, args.max_position_embeddings), train_folder=None, valid_folder=None)}
+           "data": dict(seq_len=min(2048, args.max_position_embeddings), train_folder=None, valid_folder=None),
+           "hybrid_zero_optimizer": dict(clip_grad_norm=1.0)}  # the default (InternEvo's) clips nothing
     if load_path is not None:
         raw["ckpt"] = dict(load_ckpt_info=dict(path=str(load_path), content=["model"], ckpt_type="internlm"),
                            auto_resume=False)

@@ -143,6 +143,8 @@ class AttentionPlan:
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
     upcast: bool = False  # SDPA computes in fp32 (see the module docstring)
+    backend: str = ""  # what it was planned for, and from which positions (to plan other layouts of them)
+    position_ids: torch.Tensor | None = None
 
 
 def _window(is_start: torch.Tensor) -> int:
@@ -159,6 +161,7 @@ def plan_attention(position_ids: torch.Tensor, backend: str, upcast: bool = Fals
     """Work out once per forward how `packed_attention` runs on these packed samples."""
     plan = _plan(position_ids, backend)
     plan.upcast = upcast and plan.kind not in ("flash", "varlen")
+    plan.backend, plan.position_ids = backend, position_ids
     return plan
 
 

@@ -82,6 +82,9 @@ class Attention(nn.Module):
         self.wk = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
         self.wv = Linear(h, args.num_kv_attention_heads * hd, bias=args.qkv_bias, fp32_gemm=f32)
         self.wo = Linear(args.num_attention_heads * hd, h, bias=args.o_bias, fp32_gemm=f32)
+        # the attention kernel: q, k, v, plan -> output; a parallel layout may wrap it (e.g. sequence
+        # parallelism exchanges sequence for heads around it), the weights never change
+        self.attend = packed_attention
 
     def forward(self, x, cos, sin, plan: AttentionPlan):
         bsz, seqlen, _ = x.shape
@@ -90,7 +93,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, plan)
+        out = self.attend(q, k, v, plan)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 

@@ -144,6 +144,21 @@ def test_reshard_pp2_interleaved_to_one_process(ws, reference):
     _assert_same_metrics(reference, [first, second], rtol=1e-4)
 
 
+def test_reshard_isp2_wp2_to_tp2_and_to_one_process(ws, reference):
+    """A checkpoint saved under isp (sequence parallel) with weight parallelism (FSDP over the isp
+    group) resumes under tensor parallelism and under one process."""
+    ckpt = ws.root / "isp2_wp2"
+    first = _ok(ws.train(2, ckpt, "parallel.tensor.size=2", "parallel.tensor.mode='isp'", "parallel.weight.size=2",
+                         "data.total_steps=6"))
+    assert json.loads((ckpt / "6" / "meta.json").read_text())["layout"]["tp"] == 2
+    for nproc, extra, name in ((2, ["parallel.tensor.size=2", "parallel.tensor.mode='msp'"], "tp2"), (1, [], "one")):
+        folder = ws.root / f"isp2_wp2_to_{name}"
+        shutil.copytree(ckpt, folder)
+        second = _ok(ws.train(nproc, folder, *extra))
+        assert "resumed from" in second.out and "(step 6" in second.out
+        _assert_same_metrics(reference, [first, second], rtol=1e-5)
+
+
 # ---- crash safety --------------------------------------------------------------------------------
 
 def _hashes(folder: Path) -> dict:

@@ -48,6 +48,15 @@ class Layout:
 BF16 = ("model.dtype='torch.bfloat16'",)
 INTERNLM1 = ("model_type='INTERNLM'", "model.num_kv_attention_heads=4")  # MHA with q/k/v and wo biases
 INTERNLM3 = ("model_type='INTERNLM3'", "model.head_dim=32")  # head_dim * heads (128) != hidden (64)
+KV4 = ("model.num_kv_attention_heads=4",)  # isp4 splits the key/value heads too
+ISP2 = ("parallel.tensor.size=2", "parallel.tensor.mode='isp'")
+ISP4 = ("parallel.tensor.size=4", "parallel.tensor.mode='isp'")
+
+
+def S2D(head: int, context: int) -> tuple[str, ...]:
+    return ("parallel.sequence_2D.enable=True", f"parallel.sequence_2D.head_size={head}",
+            f"parallel.sequence_2D.context_size={context}")
+
 
 
 LAYOUTS = [
@@ -59,6 +68,20 @@ LAYOUTS = [
     # tensor parallel
     Layout("tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
     Layout("tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
+    # InternEvo's isp: sequence parallel, attention head parallel between two all-to-alls; weight parallel
+    # (FSDP over the isp group); with data and pipeline parallelism. Packed samples straddle the shards.
+    Layout("isp2", 2, 1, ISP2),
+    Layout("isp2_wp2", 2, 1, (*ISP2, "parallel.weight.size=2")),
+    Layout("isp4", 4, 1, ("parallel.tensor.size=4", "parallel.tensor.mode='isp'"), reference=KV4),
+    Layout("isp2_dp2_zero1-2", 4, 2, (*ISP2, "parallel.zero1.size=2")),
+    Layout("isp2_pp2", 4, 1, (*ISP2, "parallel.pipeline.size=2")),
+    Layout("bf16_isp2", 2, 1, ISP2, reference=BF16, tolerance=BF16_TOL),
+    # InternEvo's 2D sequence parallelism: head parallel (all-to-all) x context parallel (ring attention, zigzag)
+    Layout("isp4_head2_context2", 4, 1, ISP4 + S2D(2, 2)),
+    Layout("isp4_context4_zigzag", 4, 1, ISP4 + S2D(1, 4)),
+    Layout("isp2_context2_checkpoint", 2, 1, (*ISP2, *S2D(1, 2), "model.checkpoint=True")),
+    Layout("isp4_head2_context2_context_first", 4, 1,
+           (*ISP4, *S2D(2, 2), "parallel.sequence_2D.device_placement_strategy.head_first=False")),
     # pipeline parallel
     Layout("pp2_1f1b", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'")),
     Layout("pp2_interleaved", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'",

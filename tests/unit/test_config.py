@@ -147,7 +147,7 @@ def test_override_nested_shorthand_and_free_dicts():
     cfg = config_from_dict(tiny(parallel=dict(zero1=4, pipeline=2)), ["parallel.zero1.fsdp=True"])
     assert cfg.parallel.zero1 == ZeroConfig(size=4, fsdp=True) and cfg.parallel.pipeline.size == 2
     cfg = demo("monitor.alert.enable_feishu_alert=False", "MY_VARIABLE=[1, 2]")
-    assert cfg.monitor.alert == {"enable_feishu_alert": False} and cfg.user_vars["MY_VARIABLE"] == [1, 2]
+    assert cfg.monitor.alert.enable_feishu_alert is False and cfg.user_vars["MY_VARIABLE"] == [1, 2]
 
 
 def test_override_errors():
@@ -199,7 +199,7 @@ def test_wrong_types_and_ranges():
 def test_model_type():
     assert config_from_dict(tiny(model_type="internlm3")).model_type == "INTERNLM3"
     assert config_from_dict(tiny(model_type="InternLM2")).model_type == "INTERNLM2_PUBLIC"
-    assert config_from_dict(tiny()).model_type == "INTERNLM2_PUBLIC"
+    assert config_from_dict(tiny()).model_type == "INTERNLM"  # InternEvo's default
     msg = error_of(config_from_dict, tiny(model_type="GPT"))
     assert all(t in msg for t in ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2"))
 
@@ -210,12 +210,25 @@ def test_unsupported_features_are_named():
     msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=2, mode="fsp"))))
     assert msg == ("parallel.tensor.mode='fsp' is not supported: use 'msp' (TP with sequence parallel), "
                    "which shards the same activations.")
-    msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=2, mode="isp"))))
-    assert "isp" in msg and "not supported" in msg and "zero1.fsdp=True" in msg and "'msp'" in msg
-    msg = error_of(config_from_dict, tiny(parallel=dict(weight=dict(size=4))))
-    assert "weight parallel (wp) is not supported; use parallel.zero1 with fsdp=True" in msg
     msg = error_of(config_from_dict, tiny(ckpt=dict(save_ckpt_folder="boto3:s3://bucket/ckpt")))
-    assert "object-store checkpoints are not supported yet; use a local path" in msg
+    assert "'ckpt.save_ckpt_folder'='boto3:s3://bucket/ckpt' names remote storage (boto3:)" in msg
+
+
+def test_isp_and_weight_parallel_rules():
+    cfg = config_from_dict(tiny(parallel=dict(tensor=dict(size=2, mode="isp"), weight=dict(size=2))))
+    assert (cfg.parallel.tensor.mode, cfg.parallel.weight.size) == ("isp", 2)
+    msg = error_of(config_from_dict, tiny(parallel=dict(weight=dict(size=4))))
+    assert "parallel.weight.size=4 works within InternEvo's isp mode: set parallel.tensor.mode='isp'" in msg
+    msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=4, mode="isp"), weight=dict(size=3))))
+    assert "parallel.weight.size=3 must divide parallel.tensor.size=4" in msg
+    msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=3, mode="isp")), data=dict(seq_len=32),
+                                          model=dict(num_attention_heads=3, hidden_size=48)))
+    assert "splits each micro-batch's 32 tokens (data.micro_bsz * data.seq_len) over parallel.tensor.size=3" in msg
+    msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=2, mode="isp")),
+                                          model=dict(checkpoint=True, checkpoint_policy="selective")))
+    assert "use model.checkpoint_policy='full'" in msg
+    # isp does not split the vocabulary: any vocab_size
+    config_from_dict(tiny(parallel=dict(tensor=dict(size=2, mode="isp")), model=dict(vocab_size=127)))
 
 
 def test_sequence_parallel_normalises_tensor_mode():
@@ -245,13 +258,13 @@ def test_defaults_are_filled():
     cfg = config_from_dict(raw)
     assert cfg.data.seq_len == 64 and cfg.model.max_position_embeddings == 2048
     assert cfg.model.num_kv_attention_heads == 4 and cfg.model.head_dim == 16
-    assert cfg.model.mlp_ratio == pytest.approx(8 / 3) and cfg.model.intermediate_size == 256
+    assert cfg.model.mlp_ratio == 4.0 and cfg.model.intermediate_size == 256
     assert cfg.lr_scheduler.total_steps == cfg.data.total_steps == 1000
     assert cfg.beta2_scheduler.init_beta2 == cfg.adam.adam_beta2 == 0.95
     assert cfg.parallel.zero1 == ZeroConfig(size=-1, fsdp=False)
     assert cfg.parallel.pipeline == PipelineConfig(size=1, interleaved_overlap=True, mode="1f1b")
-    assert cfg.hybrid_zero_optimizer.clip_grad_norm == 1.0 and cfg.grad_scaler.fp16.initial_scale == 2**16
-    assert cfg.monitor.run_folder == "runs/internlm" and cfg.seed == 1024 and cfg.device == "auto"
+    assert cfg.hybrid_zero_optimizer.clip_grad_norm == 0.0 and cfg.grad_scaler.fp16.initial_scale == 2**16
+    assert cfg.monitor.run_folder == "runs/AnonymousJob" and cfg.seed == 1024 and cfg.device == "auto"
     assert config_from_dict(tiny(model=dict(intermediate_size=100))).model.intermediate_size == 100
 
 
@@ -305,7 +318,8 @@ def test_world_size_checks():
 def test_tensor_parallel_divisibility():
     msg = error_of(config_from_dict, tiny(model=dict(vocab_size=130), parallel=dict(tensor=4)))
     assert "model.vocab_size=130" in msg and "parallel.tensor.size=4" in msg and "132" in msg
-    msg = error_of(config_from_dict, tiny(model=dict(num_kv_attention_heads=2), parallel=dict(tensor=4)))
+    msg = error_of(config_from_dict, tiny(model_type="INTERNLM2_PUBLIC", model=dict(num_kv_attention_heads=2),
+                                          parallel=dict(tensor=4)))
     assert "model.num_kv_attention_heads=2" in msg
     assert "model.num_attention_heads=4" in error_of(config_from_dict, tiny(parallel=dict(tensor=8)))
 
@@ -469,11 +483,12 @@ def test_config_is_typed_frozen_and_copyable():
 
 def test_inert_internevo_keys_give_one_notice_each():
     cfg = config_from_dict(tiny(model=dict(mlp_layer_fusion=True, embed_split_hidden=True),
-                                monitor=dict(alert=dict(enable_feishu_alert=True))))
+                                monitor=dict(alert=dict(enable_feishu_alert=True, light_monitor_address="h:1"))))
     assert cfg.notices == ("model.embed_split_hidden has no effect here: the embedding is split by DTensor tensor "
                            "parallelism over the vocabulary",
                            "model.mlp_layer_fusion has no effect here: w1 and w3 stay separate matrices",
-                           "monitor.alert has no effect here: alerts are not sent")
+                           "monitor.alert.light_monitor_address has no effect here: no heartbeats are sent, only "
+                           "Feishu alerts")
     assert config_from_dict(tiny()).notices == ()
     # a dumped config reads back with the same notices, no more
     again = config_from_dict(yaml_round_trip(cfg))
@@ -510,3 +525,32 @@ def test_train_py_reports_config_errors_without_traceback():
     assert proc.returncode != 0
     assert "Traceback" not in output
     assert "model.hiden_size" in output and "model.hidden_size" in output
+
+
+def test_internevo_isp_and_2d_parallel_sections():
+    """InternEvo's isp configs as they are written: weight.size beyond the isp group (sharded further
+    by zero1 here), the sequence_2D block with its placement keys; the layout each gives."""
+    from internlm.parallel_dims import ParallelDims
+
+    isp = dict(zero1=dict(size=-1), tensor=dict(size=2, mode="isp"), pipeline=dict(size=1, interleaved_overlap=True),
+               weight=dict(size=4, overlap=True, memory_pool=True))
+    cfg = config_from_dict(tiny(parallel=isp))
+    validate(cfg, world_size=8)
+    dims = ParallelDims.from_config(cfg, 8)
+    assert (dims.isp, dims.wp, dims.dp, dims.dp_shard, dims.tensor_parallel) == (2, 2, 4, 4, 1)
+    two_d = dict(isp, tensor=dict(size=4, mode="isp"), weight=dict(size=4, overlap=True, memory_pool=False),
+                 sequence_2D=dict(enable=True, head_size=2, context_size=2, window_size=1,
+                                  device_placement_strategy=dict(head_first=False, interleaved=False)))
+    cfg = config_from_dict(tiny(parallel=two_d, data=dict(seq_len=64)))
+    validate(cfg, world_size=8)
+    dims = ParallelDims.from_config(cfg, 8)
+    assert (dims.head, dims.context, dims.head_first) == (2, 2, False)
+    assert [dims.sp_coords(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert "window_size" in " ".join(cfg.inert_keys)
+    msg = error_of(config_from_dict, tiny(parallel=dict(two_d, sequence_2D=dict(enable=True, head_size=2,
+                                                                                   context_size=4))))
+    assert "head_size(2) * context_size(4) = 8 must equal parallel.tensor.size=4" in msg
+    msg = error_of(config_from_dict, tiny(parallel=dict(sequence_2D=dict(enable=True))))
+    assert "needs parallel.tensor.mode='isp'" in msg
+    msg = error_of(config_from_dict, tiny(parallel=two_d, data=dict(seq_len=36)))
+    assert "2 x 2 zigzag chunks" in msg and "a multiple of 8" in msg

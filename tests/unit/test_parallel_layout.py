@@ -111,7 +111,8 @@ LAYOUT_ERRORS = [
     (("model.num_chunks=2",), "model.num_chunks=2 needs pipeline parallelism"),
     (("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'"), "parallel.pipeline.mode='zbv'"),
     (("parallel.tensor.mode='fsp'",), "parallel.tensor.mode='fsp' is not supported"),
-    (("parallel.tensor.mode='isp'",), "parallel.tensor.mode='isp'"),
+    (("parallel.tensor.mode='isp'", "parallel.tensor.size=4"), "model.num_kv_attention_heads=2 is not divisible"),
+    (("parallel.weight.size=2",), "parallel.weight.size=2 works within InternEvo's isp mode"),
     (("parallel.zero1.size=-2",), "parallel.zero1.size"),
 ]
 
