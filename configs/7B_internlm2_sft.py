@@ -63,7 +63,8 @@ ckpt = dict(
     save_ckpt_folder=SAVE_CKPT_FOLDER,
     checkpoint_every=500,
     auto_resume=True,  # a restarted job resumes its own checkpoints first
-    # the HF weights, when there is nothing to resume (weights only: a fresh optimizer and data position)
+    # the HF weights, when there is nothing to resume (weights only: a fresh optimizer and data position);
+    # unlike InternEvo, which ignores load_ckpt_info under auto_resume (doc/checkpoint.md#resuming)
     load_ckpt_info=dict(path=HF_MODEL, content=("model",), ckpt_type="hf"),
 )
 

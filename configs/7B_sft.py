@@ -97,7 +97,8 @@ ckpt = dict(
     enable_save_ckpt=False,
     save_ckpt_folder=SAVE_CKPT_FOLDER,
     # To start from another model's weights: load_ckpt_info=dict(path=..., content=("model",), ckpt_type="hf")
-    # and auto_resume=False.
+    # (or "llama" for Meta's consolidated.*.pth). With auto_resume=True it is used when there is nothing to
+    # resume and the path exists (InternEvo would ignore it); auto_resume=False makes a missing path an error.
     load_ckpt_info=None,
     auto_resume=True,  # resume from the latest checkpoint in save_ckpt_folder if there is one
     checkpoint_every=CHECKPOINT_EVERY,

@@ -29,7 +29,9 @@ ckpt = dict(
     save_ckpt_folder="runs/demo_sft/ckpt",
     checkpoint_every=TOTAL_STEPS,
     keep_last=1,
-    # the pretrained demo model; weights only (a new optimizer, schedule and data position)
+    # the pretrained demo model; weights only (a new optimizer, schedule and data position). With
+    # auto_resume (default True) a restarted job resumes runs/demo_sft/ckpt instead; this path is used
+    # when there is nothing to resume and it exists (doc/checkpoint.md#resuming)
     load_ckpt_info=dict(path="runs/demo/ckpt/300", content=("model",), ckpt_type="internlm"),
 )
 

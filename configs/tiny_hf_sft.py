@@ -42,7 +42,7 @@ ckpt = dict(
     enable_save_ckpt=True,
     save_ckpt_folder="runs/tiny_hf/sft_ckpt",
     checkpoint_every=TOTAL_STEPS,
-    auto_resume=True,
+    auto_resume=True,  # a restarted job resumes its checkpoints; the first start loads HF_MODEL
     load_ckpt_info=dict(path=HF_MODEL, content=("model",), ckpt_type="hf"),
 )
 

@@ -164,31 +164,61 @@ class CheckpointManager:
 
     # ---- resume ----------------------------------------------------------------------------------------
     def resume(self) -> None:
-        """auto_resume: the newest complete checkpoint in save_ckpt_folder, everything in it. Else
-        load_ckpt_info: the named checkpoint, only the listed content."""
+        """What a run starts from (doc/checkpoint.md, "Resuming"):
+
+        - auto_resume and a usable checkpoint in save_ckpt_folder: that one, everything in it;
+        - auto_resume and nothing to resume: load_ckpt_info when its path exists (an extension: InternEvo
+          ignores load_ckpt_info under auto_resume), else a fresh start with a warning naming the path;
+        - no auto_resume: load_ckpt_info (a missing path stops the run naming it);
+        - load_ckpt_info None, or its path None: a fresh start.
+        """
         ck = self.cfg.ckpt
-        if ck.auto_resume and self.folder is not None:
-            latest = self._broadcast(self._find_latest() if self.rank == 0 else None)
+        info = ck.load_ckpt_info
+        wanted = info["path"] if info else None
+        if ck.auto_resume:
+            latest = None
+            if self.folder is not None:
+                latest = self._broadcast(self._find_latest() if self.rank == 0 else None)
             if latest is not None:
                 self.load(layout.check_checkpoint(latest), set(ALL_CONTENT))
                 return
-        info = ck.load_ckpt_info
-        if not info:
+            where = f"in {self.folder}" if self.folder is not None else "(ckpt.save_ckpt_folder is not set)"
+            if wanted is None:
+                if self.rank == 0:
+                    logger.info(f"auto_resume: no checkpoint to resume {where}; training from scratch")
+                return
+            exists = self._broadcast(Path(wanted).exists() if self.rank == 0 else None)
+            if not exists:
+                if self.rank == 0:
+                    logger.warning(f"auto_resume: no checkpoint to resume {where}, and ckpt.load_ckpt_info.path="
+                                   f"{wanted!r} does not exist: training from scratch (as InternEvo, which ignores "
+                                   f"load_ckpt_info when auto_resume=True; set ckpt.auto_resume=False to make a "
+                                   f"missing path an error)")
+                return
+            if self.rank == 0:
+                logger.info(f"auto_resume: no checkpoint to resume {where}; loading ckpt.load_ckpt_info.path="
+                            f"{wanted!r} instead (InternEvo would ignore it and train from scratch)")
+        if wanted is None:
+            if self.rank == 0 and info:
+                logger.info("ckpt.load_ckpt_info.path is None: training from scratch")
             return
         if info["ckpt_type"] == "hf":
-            self._load_hf(info["path"])
+            self._load_hf(wanted)
+            return
+        if info["ckpt_type"] == "llama":
+            self._load_meta_llama(wanted)
             return
         # rank 0 reads every byte against the manifest; every rank raises the same error naming the file
         problem = None
         if self.rank == 0:
             try:
-                verify.check(info["path"], allow_model_only=True, deep=True)
+                verify.check(wanted, allow_model_only=True, deep=True)
             except CheckpointError as exc:
                 problem = str(exc)
         problem = self._broadcast(problem)
         if problem:
             raise CheckpointError(problem)
-        found = verify.check(info["path"], allow_model_only=True)
+        found = verify.check(wanted, allow_model_only=True)
         content = set(info["content"])
         if found.model_only and content != {"model"}:
             raise CheckpointError(f"checkpoint {found.path} holds model weights only (no train state): load it "
@@ -223,6 +253,16 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load the Hugging Face checkpoint {path}: {exc}") from None
         if self.rank == 0:
             logger.info(f"loaded Hugging Face weights from {path}")
+
+    def _load_meta_llama(self, path) -> None:
+        from internlm.hf.meta_llama import load_meta_llama_into_parts
+
+        try:
+            load_meta_llama_into_parts(self.model_parts, path)
+        except ConversionError as exc:
+            raise CheckpointError(f"cannot load the Meta Llama checkpoint {path}: {exc}") from None
+        if self.rank == 0:
+            logger.info(f"loaded Meta Llama weights from {path}")
 
     def load(self, info: layout.CheckpointInfo, content) -> None:
         """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by

@@ -194,10 +194,15 @@ def http_url(path, value):
 
 
 CKPT_CONTENT = ("model", "optimizer", "scheduler", "sampler", "all")
-_CKPT_TYPES = {"internlm": "internlm", "internevo": "internlm", "hf": "hf"}
+# ckpt_type as written -> what it loads: "internlm" (this trainer's checkpoints; "internevo" is InternEvo's
+# name of the same role), "hf" (a Hugging Face folder; "hf_llama" is InternEvo's name of it), "llama"
+# (Meta's consolidated.NN.pth shards with params.json)
+_CKPT_TYPES = {"internlm": "internlm", "internevo": "internlm", "hf": "hf", "hf_llama": "hf", "llama": "llama"}
 
 
 def load_ckpt_info(path, value):
+    """dict(path=..., content=(...), ckpt_type=...) normalised; path=None is InternEvo's "train from
+    scratch" and is kept (the run loads nothing)."""
     from internlm.config.load import closest, did_you_mean
 
     if value is None:
@@ -209,8 +214,12 @@ def load_ckpt_info(path, value):
     if unknown:
         suggestion = closest(unknown[0], ["path", "content", "ckpt_type"])
         raise ConfigError(f"unknown config key '{path}.{unknown[0]}'{did_you_mean(suggestion, path)}")
-    if not value.get("path"):
-        raise ConfigError(f"config key '{path}.path' must name the checkpoint to load.")
+    if "path" not in value:
+        raise ConfigError(f"config key '{path}.path' must name the checkpoint to load (or be None: train from "
+                          f"scratch).")
+    if value["path"] is not None and (not isinstance(value["path"], str) or not value["path"].strip()):
+        raise ConfigError(f"config key '{path}.path' must be a path string or None (train from scratch), "
+                          f"got {show(value['path'])}.")
     ckpt_path = local_path(f"{path}.path", value["path"])
     content = value.get("content", ("model",))
     if isinstance(content, str):
@@ -224,9 +233,14 @@ def load_ckpt_info(path, value):
                               f"{', '.join(map(repr, CKPT_CONTENT))}.")
     ckpt_type = str(value.get("ckpt_type", "internlm"))
     if ckpt_type.lower() not in _CKPT_TYPES:
-        raise ConfigError(f"config key '{path}.ckpt_type' must be 'internlm' (this framework's checkpoints) or "
-                          f"'hf' (a Hugging Face model folder), got {ckpt_type!r}.")
-    return {"path": ckpt_path, "content": list(content), "ckpt_type": _CKPT_TYPES[ckpt_type.lower()]}
+        raise ConfigError(f"config key '{path}.ckpt_type' must be 'internlm' or 'internevo' (a training "
+                          f"checkpoint), 'hf' or 'hf_llama' (a Hugging Face model folder) or 'llama' (Meta's "
+                          f"consolidated.*.pth shards), got {ckpt_type!r}.")
+    ckpt_type = _CKPT_TYPES[ckpt_type.lower()]
+    if ckpt_type in ("hf", "llama") and set(content) != {"model"}:
+        raise ConfigError(f"config key '{path}.content' must be ('model',) with ckpt_type={value['ckpt_type']!r}: "
+                          f"such a folder holds weights only, got {list(content)!r}.")
+    return {"path": ckpt_path, "content": list(content), "ckpt_type": ckpt_type}
 
 
 def tensor_mode(path, value):

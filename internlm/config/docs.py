@@ -41,6 +41,7 @@ def rows(cls=TrainConfig, prefix: str = ""):
             yield from rows(entry, path)
             continue
         doc = entry.doc + (f" (*no effect*: {entry.inert})" if entry.inert else "")
+        doc += f" (*deprecated*: mapped to {entry.legacy})" if entry.legacy else ""
         if entry.choices:
             doc += " [" + ", ".join(entry.choices) + "]"
         yield path, _type(entry), _default(entry), doc

@@ -106,8 +106,45 @@ def resolve_section(prefix: str, section_cls, raw, notices: list) -> dict:
     return out
 
 
-def fill_derived(cfg: dict, user_vars: dict) -> None:
-    """Defaults that depend on other keys (the DERIVED keys of the schema)."""
+def map_legacy_ckpt_keys(ckpt: dict, notes: list) -> None:
+    """InternEvo's older checkpoint keys onto the current ones, as its legacy launch code reads them:
+    `load_model_only_folder` -> load_ckpt_info content ("model",); `load_ckpt_folder` -> content ("model",
+    "sampler", "optimizer") ("optimizer" left out with load_optimizer=False); both only when load_ckpt_info
+    is not set. `load_given_ckpt=True` -> auto_resume=False, only when auto_resume is not set. The legacy
+    keys are None afterwards (the resolved config, dumped and read back, gives the same run)."""
+    folder, model_only = ckpt["load_ckpt_folder"], ckpt["load_model_only_folder"]
+    legacy_set = [k for k in ("load_ckpt_folder", "load_model_only_folder", "load_optimizer") if ckpt[k] is not None]
+    if ckpt["load_ckpt_info"] is None and (folder is not None or model_only is not None):
+        if folder is not None and model_only is not None:
+            raise ConfigError("config keys 'ckpt.load_ckpt_folder' and 'ckpt.load_model_only_folder' are both set; "
+                              "keep one (better: replace both with ckpt.load_ckpt_info).")
+        if model_only is not None:
+            info = {"path": model_only, "content": ["model"], "ckpt_type": "internlm"}
+        else:
+            content = ["model", "sampler"] + (["optimizer"] if ckpt["load_optimizer"] is not False else [])
+            info = {"path": folder, "content": content, "ckpt_type": "internlm"}
+        ckpt["load_ckpt_info"] = info
+        notes.append(f"ckpt.{legacy_set[0]} is deprecated (InternEvo's legacy key): read as ckpt.load_ckpt_info="
+                     f"dict(path={info['path']!r}, content={tuple(info['content'])!r}, ckpt_type='internlm')")
+    elif legacy_set:
+        why = "ckpt.load_ckpt_info is set" if ckpt["load_ckpt_info"] is not None else "no load folder is set"
+        notes.append(f"ckpt.{legacy_set[0]} is deprecated (InternEvo's legacy key) and ignored: {why}")
+    given = ckpt["load_given_ckpt"]
+    if ckpt["auto_resume"] is DERIVED:
+        ckpt["auto_resume"] = True if given is None else not given
+        if given is not None:
+            notes.append(f"ckpt.load_given_ckpt is deprecated (InternEvo's legacy key): read as "
+                         f"ckpt.auto_resume={not given}")
+    elif given is not None:
+        notes.append("ckpt.load_given_ckpt is deprecated (InternEvo's legacy key) and ignored: ckpt.auto_resume "
+                     "is set")
+    for k in ("load_ckpt_folder", "load_model_only_folder", "load_optimizer", "load_given_ckpt"):
+        ckpt[k] = None
+
+
+def fill_derived(cfg: dict, user_vars: dict, notes: list | None = None) -> None:
+    """Defaults that depend on other keys (the DERIVED keys of the schema). `notes` collects the
+    deprecation notices of the legacy keys mapped here."""
     model, data = cfg["model"], cfg["data"]
     if data["seq_len"] is DERIVED:
         data["seq_len"] = check_value("SEQ_LEN", KeyInfo("SEQ_LEN", "int", False, None, "", (), 1, None, None, None,
@@ -129,6 +166,7 @@ def fill_derived(cfg: dict, user_vars: dict) -> None:
     if data["valid_micro_num"] is DERIVED:
         data["valid_micro_num"] = data["micro_num"]
     ckpt = cfg["ckpt"]
+    map_legacy_ckpt_keys(ckpt, notes if notes is not None else [])
     if ckpt["enable_save_ckpt"] is DERIVED:  # InternEvo's default is True, and then it needs a folder
         ckpt["enable_save_ckpt"] = bool(ckpt["save_ckpt_folder"])
     if cfg["lr_scheduler"]["total_steps"] is DERIVED:
@@ -179,10 +217,12 @@ def resolve(raw: dict) -> TrainConfig:
         checks.check_kind("SEQ_LEN", "int", user_vars["SEQ_LEN"])
     notices: list[str] = []
     values = resolve_section("", TrainConfig, {k: v for k, v in raw.items() if k not in user_vars}, notices)
-    fill_derived(values, user_vars)
+    legacy: list[str] = []
+    fill_derived(values, user_vars, legacy)
     values = _lists_not_tuples(values)
     cfg = _build(TrainConfig, values)
-    return dataclasses.replace(cfg, user_vars=_lists_not_tuples(user_vars), inert_keys=tuple(notices))
+    return dataclasses.replace(cfg, user_vars=_lists_not_tuples(user_vars), inert_keys=tuple(notices),
+                               legacy_notes=tuple(legacy))
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -260,6 +300,8 @@ def to_dict(cfg, all_keys: bool = False, _prefix: str = "", _set: tuple = ()) ->
         value, path = getattr(cfg, name), f"{_prefix}{name}"
         if is_section(entry):
             out[name] = to_dict(value, all_keys, path + ".", _set)
+        elif entry.legacy and value is None and not all_keys:
+            continue  # mapped onto the current key at load time
         elif all_keys or not entry.inert or path in _set:
             out[name] = copy.deepcopy(value)
     return out

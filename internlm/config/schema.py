@@ -7,7 +7,9 @@ generated from it (docs.py). Key metadata:
 - `doc`: one line for the table;
 - `choices`, `ge`/`gt`/`le`/`lt`, `check`: value rules (checks.py);
 - `inert`: the key is InternEvo's and has no effect on this engine; it is accepted, and a run whose
-  config sets it prints one notice naming it and saying why (`TrainConfig.notices`).
+  config sets it prints one notice naming it and saying why (`TrainConfig.notices`);
+- `legacy`: an older InternEvo spelling that load.py maps onto the current key (named in the text) with a
+  deprecation notice; the resolved config holds the mapped value and the legacy key as None.
 
 Defaults that depend on other keys are `DERIVED` here and computed in load.py (`fill_derived`); keys
 without a default are `REQUIRED`.
@@ -39,8 +41,8 @@ DERIVED = _Marker("DERIVED")  # default computed from other keys (load.fill_deri
 
 
 def key(default: Any = None, doc: str = "", *, factory=None, choices=(), ge=None, gt=None, le=None, lt=None,
-        check=None, inert: str | None = None):
-    meta = dict(doc=doc, choices=tuple(choices), ge=ge, gt=gt, le=le, lt=lt, check=check, inert=inert)
+        check=None, inert: str | None = None, legacy: str | None = None):
+    meta = dict(doc=doc, choices=tuple(choices), ge=ge, gt=gt, le=le, lt=lt, check=check, inert=inert, legacy=legacy)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -289,18 +291,25 @@ class CkptConfig:
     save_ckpt_folder: str | None = key(None, "folder of the checkpoints (local path; 'local:' prefix accepted)",
                                        check=checks.local_path)
     checkpoint_every: int = key(50, "save every N steps (and at the end)", ge=1)
-    auto_resume: bool = key(True, "resume from the newest complete checkpoint in save_ckpt_folder")
-    load_ckpt_info: dict | None = key(None, "dict(path=..., content=('model',...), ckpt_type='internlm'|'hf'): "
-                                            "what to load when not resuming", check=checks.load_ckpt_info)
+    auto_resume: bool = key(DERIVED, "resume from the newest complete checkpoint in save_ckpt_folder; default: True "
+                                      "(InternEvo's legacy: not load_given_ckpt); doc/checkpoint.md#resuming")
+    load_ckpt_info: dict | None = key(None, "dict(path=..., content=('model',...), ckpt_type='internlm'|'internevo'|"
+                                            "'hf'|'hf_llama'|'llama'): what to load when not resuming; path=None: "
+                                            "train from scratch", check=checks.load_ckpt_info)
     oss_snapshot_freq: int = key(0, "write a snapshot (two alternating slots) every N steps (0: never)", ge=0)
     async_upload: bool = key(False, "save asynchronously (DCP async_save) while training continues")
     stop_file_path: str | None = key(None, "a file holding a step: save and stop at that step (-N: save at step N and "
                                            "go on; 0: nothing; empty: stop now); doc/checkpoint.md",
                                      check=checks.local_path)
     keep_last: int = key(0, "keep only the newest N checkpoints (0: all)", ge=0)
-    load_ckpt_folder: str | None = key(None, "InternEvo's legacy load folder", inert="use ckpt.load_ckpt_info",
-                                       check=checks.local_path)
-    load_given_ckpt: bool = key(False, "InternEvo's legacy switch", inert="use ckpt.load_ckpt_info")
+    load_ckpt_folder: str | None = key(None, "InternEvo's legacy load folder (model, sampler and optimizer)",
+                                       legacy="ckpt.load_ckpt_info", check=checks.local_path)
+    load_model_only_folder: str | None = key(None, "InternEvo's legacy weights-only load folder",
+                                             legacy="ckpt.load_ckpt_info", check=checks.local_path)
+    load_optimizer: bool | None = key(None, "InternEvo's legacy switch: load_ckpt_folder loads the optimizer too "
+                                            "(None: True)", legacy="ckpt.load_ckpt_info")
+    load_given_ckpt: bool | None = key(None, "InternEvo's legacy switch: True means auto_resume=False",
+                                       legacy="ckpt.auto_resume")
     async_upload_tmp_folder: str | None = key(None, "InternEvo's upload staging folder",
                                               inert="async saves write straight to save_ckpt_folder",
                                               check=checks.local_path)
@@ -363,11 +372,14 @@ class TrainConfig:
     # not keys: the file's own UPPER_CASE variables, and the InternEvo keys without effect that it set
     user_vars: dict = field(default_factory=dict, metadata=dict(schema=False))
     inert_keys: tuple = field(default=(), metadata=dict(schema=False))
+    legacy_notes: tuple = field(default=(), metadata=dict(schema=False))  # legacy keys mapped (load.py)
 
     @property
     def notices(self) -> tuple[str, ...]:
-        """One line per InternEvo key the config set that has no effect on this engine."""
-        return tuple(f"{path} has no effect here: {key_at(path).inert}" for path in self.inert_keys)
+        """One line per InternEvo key the config set that has no effect on this engine, and per legacy
+        key that was mapped onto its current spelling."""
+        inert = tuple(f"{path} has no effect here: {key_at(path).inert}" for path in self.inert_keys)
+        return inert + tuple(self.legacy_notes)
 
 
 # ---- reading the schema ------------------------------------------------------------------------
@@ -386,6 +398,7 @@ class KeyInfo:
     lt: Any
     check: Any
     inert: str | None
+    legacy: str | None = None
 
     def default_value(self):
         return self.default() if callable(self.default) and not isinstance(self.default, _Marker) else self.default
@@ -422,7 +435,8 @@ def keys_of(cls) -> dict:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory
         m = f.metadata
         out[f.name] = KeyInfo(f.name, kind, optional, default, m.get("doc", ""), m.get("choices", ()), m.get("ge"),
-                              m.get("gt"), m.get("le"), m.get("lt"), m.get("check"), m.get("inert"))
+                              m.get("gt"), m.get("le"), m.get("lt"), m.get("check"), m.get("inert"),
+                              m.get("legacy"))
     _KEYS_CACHE[cls] = out
     return out
 

@@ -58,7 +58,8 @@ RING = textwrap.dedent("""
     import torch, torch.distributed as dist
     import internlm.context_parallel as cp
     from internlm.context_parallel import RingAttention, context_indices
-    cp.Q_CHUNK = 5  # several query blocks per key/value block, the last one short
+    cp.Q_CHUNK = cp.Q_CHUNK_FLASH = 5  # several query blocks per key/value block, the last one short
+    cp.USE_CPU_FLASH = sys.argv[2] == "flash"  # PyTorch's CPU flash kernel, or the matmul path
     from internlm.model.attention import packed_attention, plan_attention
     from internlm.sequence_parallel import UlyssesAttention
 
@@ -106,12 +107,14 @@ RING = textwrap.dedent("""
 
 
 def test_ring_attention_and_head_x_context_equal_whole_sequence_attention(tmp_path):
-    """Context parallelism (ring attention, contiguous and zigzag slices) and 2D head x context
-    parallelism give each rank exactly its tokens' attention output and q/k/v gradients."""
+    """Context parallelism (ring attention, contiguous and zigzag slices; blocks by PyTorch's CPU flash
+    kernel or by matmuls) and 2D head x context parallelism give each rank exactly its tokens' attention
+    output and q/k/v gradients."""
     script = tmp_path / "ring.py"
     script.write_text(RING)
-    for nproc, heads in ((2, 1), (4, 1), (4, 2)):
-        result = launcher.start_script(nproc, script, [str(heads)], tmp_path / f"run{nproc}_{heads}").wait(timeout=120)
+    for nproc, heads, kernel in ((2, 1, "matmul"), (2, 1, "flash"), (4, 1, "flash"), (4, 2, "matmul")):
+        result = launcher.start_script(nproc, script, [str(heads), kernel],
+                                       tmp_path / f"run{nproc}_{heads}_{kernel}").wait(timeout=120)
         assert result.returncode == 0, result.tail()
         found = re.findall(r"RESULT (\{[^}]*\})", result.stdout)
         assert len(found) == nproc, result.stdout

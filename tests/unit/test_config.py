@@ -246,7 +246,7 @@ def test_checkpoint_settings():
     assert "'ckpt.load_ckpt_info.content'" in error_of(
         config_from_dict, tiny(ckpt=dict(load_ckpt_info=dict(path="/x", content=("weights",)))))
     assert "'ckpt.load_ckpt_info.ckpt_type'" in error_of(
-        config_from_dict, tiny(ckpt=dict(load_ckpt_info=dict(path="/x", ckpt_type="llama"))))
+        config_from_dict, tiny(ckpt=dict(load_ckpt_info=dict(path="/x", ckpt_type="megatron"))))
     assert "ckpt.save_ckpt_folder" in error_of(config_from_dict, tiny(ckpt=dict(enable_save_ckpt=True)))
 
 
