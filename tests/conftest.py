@@ -92,3 +92,15 @@ def pytest_terminal_summary(terminalreporter):
     widths = [max(len(r[i]) for r in [header, *_PARITY_ROWS]) for i in range(len(header))]
     for row in [header, *_PARITY_ROWS]:
         tr.write_line("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process tiny models run fastest on one thread; two spin against the runs a session starts
+    beside them (50x slower seen). Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

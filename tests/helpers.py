@@ -123,3 +123,24 @@ def read_metrics(run_folder: Path | str) -> list[dict]:
         return []
     *complete, _partial = path.read_text().split("\n")
     return [json.loads(line) for line in complete if line.strip()]
+
+
+def random_hf_llama(vocab_size: int, std: float = 0.3, **config):
+    """A small random transformers LlamaForCausalLM (eval mode, seed 0): norms near 1, other weights
+    N(0, std), so that logits differ visibly between right and wrong mappings."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                tie_word_embeddings=False)
+    conf.update(config)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**conf)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape))
+            else:
+                p.normal_(0, std)
+    return model

@@ -18,7 +18,9 @@ import pytest
 
 from internlm.chat_session import load_session
 from tests.helpers import ROOT, clean_env
-from tests.unit.test_web_demo import greedy_reply, one_thread, tiny_chat_ckpt  # noqa: F401 (one_thread: autouse)
+from tests.unit.test_web_demo import greedy_reply, tiny_chat_ckpt  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

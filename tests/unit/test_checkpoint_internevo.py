@@ -17,6 +17,7 @@ from internlm.checkpoint import manager as manager_mod
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.manager import ALL_CONTENT, CheckpointManager
 from internlm.config import ConfigError, config_from_dict, config_to_yaml_str, load_config
+from tests import helpers
 from tests.helpers import TRAIN, run_python, tiny_config, write_config
 
 
@@ -186,21 +187,7 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
 
 
 def random_hf_llama(**kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    conf = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                rope_theta=10000.0)
-    conf.update(kw)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**conf)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape))
-            else:
-                p.normal_(0, 0.3)
-    return model
+    return helpers.random_hf_llama(96, **dict(dict(rope_theta=10000.0), **kw))
 
 
 def write_meta_consolidated(hf_model, folder: Path, shards: int = 2, embed_dim: int = 1) -> Path:

@@ -13,14 +13,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from internlm import hf  # noqa: E402
 from internlm.builders import model_args  # noqa: E402
 from internlm.config import config_from_dict, dump_yaml, load_config  # noqa: E402
 from internlm.inference import _filter_top_p, generate, load_model  # noqa: E402
 from internlm.model.internlm import InternLM, ModelArgs  # noqa: E402
-from tests.helpers import run_python  # noqa: E402
+from tests.helpers import random_hf_llama, run_python  # noqa: E402
 
 VOCAB = 96
 TOL = 1e-4
@@ -177,17 +177,7 @@ def test_export_names_a_missing_tensor(tmp_path):
 # ------------------------------------------------------------------------------------------ import
 
 def random_llama(tmp_path, name="llama", **kw):
-    conf = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    conf.update(kw)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**conf)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape))
-            else:
-                p.normal_(0, 0.3)
+    model = random_hf_llama(VOCAB, **kw)
     folder = tmp_path / name
     model.save_pretrained(str(folder), max_shard_size="40KB")
     return model, folder

@@ -7,14 +7,7 @@ from internlm.inference import apply_repetition_penalty, generate, stream_genera
 from internlm.model.internlm import InternLM
 from tests.helpers import tiny_model_args
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin against the other runs a test session starts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

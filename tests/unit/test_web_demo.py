@@ -25,15 +25,7 @@ CONTEXT = 256  # the tiny model's max_position_embeddings: a few long turns over
 _CKPTS: dict = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin against the other runs a test session starts."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_chat_ckpt(tmp_path_factory, spm_model) -> Path:
