@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from internlm.checkpoint import layout, verify
+from internlm.checkpoint import internevo_format, layout, verify
 from internlm.checkpoint import state as tensors
 from internlm.checkpoint.layout import CheckpointError
 from internlm.checkpoint.train_state import TrainState
@@ -208,6 +208,9 @@ class CheckpointManager:
         if info["ckpt_type"] == "llama":
             self._load_meta_llama(wanted)
             return
+        if internevo_format.is_internevo_dir(wanted):  # InternEvo's own folder (model_tp*_pp*.pt), not ours
+            self._load_internevo(wanted, info["content"])
+            return
         # rank 0 reads every byte against the manifest; every rank raises the same error naming the file
         problem = None
         if self.rank == 0:
@@ -263,6 +266,14 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load the Meta Llama checkpoint {path}: {exc}") from None
         if self.rank == 0:
             logger.info(f"loaded Meta Llama weights from {path}")
+
+    def _load_internevo(self, path, content) -> None:
+        if set(content) != {"model"}:
+            raise CheckpointError(f"{path} is an InternEvo checkpoint folder: only its model weights can be loaded so "
+                                  f"far; set ckpt.load_ckpt_info content=('model',) (got {tuple(content)!r})")
+        internevo_format.load_internevo_into_parts(self.model_parts, path)
+        if self.rank == 0:
+            logger.info(f"loaded InternEvo model weights from {path}")
 
     def load(self, info: layout.CheckpointInfo, content) -> None:
         """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by

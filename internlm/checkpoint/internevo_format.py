@@ -1,0 +1,248 @@
+"""InternEvo's own checkpoint folders (ckpt.load_ckpt_info ckpt_type="internevo"): the model weights of
+a folder written by InternEvo's checkpoint manager, merged and loaded into our model under any layout.
+
+What such a folder holds (InternEvo's internlm/checkpoint/components.py, save_model_checkpoint): one
+file `model_tp{t}_pp{p}.pt` per tensor-parallel rank t and pipeline stage p, each the state dict of
+that rank's model chunk (optimizer, sampler and context files beside them are not read here). Inside:
+
+- InternLM2 (model_type INTERNLM2_PUBLIC, modeling_internlm2.py): `tok_embeddings.weight`,
+  `layers.{i}.attention.wqkv.weight`, `layers.{i}.attention.wo.weight`,
+  `layers.{i}.feed_forward.w1/w2/w3.weight`, `layers.{i}.attention_norm.weight`, `layers.{i}.ffn_norm.weight`,
+  `norm.weight`, `output.weight` (our own names, but q, k and v fused in wqkv).
+- InternLM v1 (model_type INTERNLM, modeling_internlm.py): `embedding.weight`, `blocks.{i}.mixer.Wqkv.weight/
+  bias`, `blocks.{i}.mixer.out_proj.weight/bias`, `blocks.{i}.mlp.w1/w2/w3.weight`, `blocks.{i}.norm1/norm2.weight`,
+  `norm.weight`, `head.weight`.
+
+Sharding over tp ranks: column-parallel weights (wqkv, w1, w3, the head) are split along dim 0, row-parallel
+ones (wo / out_proj, w2) along dim 1 (their bias is whole on every rank), the embedding along dim 1
+(embed_split_hidden, `Embedding1D`) or, as `...word_embeddings.weight`, along dim 0; norms are whole.
+The fused projection: InternLM2's wqkv rows are grouped per kv head, [q_0 .. q_{g-1}, k, v] x head_dim, and a
+tp rank holds whole kv groups, so the shards concatenate into the full grouped matrix (the layout of
+Hugging Face's InternLM2 too). InternLM v1's Wqkv is read per rank as (three, heads, head_dim): each shard is
+[q, k, v] of its own heads, so every shard is split in three and the parts are concatenated per part.
+Pipeline stages number their layers from 0 (`layers.0` of stage 1 is the first layer after the last one of
+stage 0); the stages are put end to end. A `model.` prefix (a wrapper's) is dropped.
+
+Not read (one-line errors): isp folders (`model_tp{t}_wp{w}_pp{p}.pt`), fsdp ones (`..._dp{d}.pt`),
+interleaved pipelines (num_chunks > 1), and InternLM2 checkpoints trained with adapt_hf=False when the
+folder's model_config.pt says so. Every file is read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internlm.checkpoint.layout import DCP_METADATA, MARKER, META, CheckpointError
+from internlm.log import logger
+
+MODEL_FILE_RE = re.compile(r"^model_tp(\d+)(_wp\d+)?_pp(\d+)(_dp\d+)?\.pt$")
+MODEL_CONFIG = "model_config.pt"
+_LAYER_RE = re.compile(r"^(layers|blocks)\.(\d+)\.(.+)$")
+_IGNORED = (".inv_freq", "._cos_cached", "._sin_cached", "._cos_k_cached", "._sin_k_cached")
+
+# their name (InternLM v1) -> ours, within a layer and at the top
+_V1_LAYER = {"mixer.out_proj.weight": "attention.wo.weight", "mixer.out_proj.bias": "attention.wo.bias",
+             "mlp.w1.weight": "feed_forward.w1.weight", "mlp.w2.weight": "feed_forward.w2.weight",
+             "mlp.w3.weight": "feed_forward.w3.weight", "norm1.weight": "attention_norm.weight",
+             "norm2.weight": "ffn_norm.weight"}
+_V1_TOP = {"embedding.weight": "tok_embeddings.weight",
+           "embedding.word_embeddings.weight": "tok_embeddings.word_embeddings.weight",
+           "head.weight": "output.weight", "norm.weight": "norm.weight"}
+_DIM0 = ("feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight", "tok_embeddings.word_embeddings.weight")
+_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+
+
+def is_own_format(path) -> bool:
+    """One of our checkpoints (or a half-written one): what verify.check reads."""
+    p = Path(path)
+    return any((p / name).exists() for name in (MARKER, META, DCP_METADATA))
+
+
+def is_internevo_dir(path) -> bool:
+    """A folder with InternEvo's per-rank model files (model_tp0_pp0.pt ...) and none of our markers."""
+    p = Path(path)
+    return p.is_dir() and not is_own_format(p) and any(MODEL_FILE_RE.match(f.name) for f in p.iterdir())
+
+
+def _load(path: Path, what: str = "a dict of tensors"):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a refused pickle, a truncated file ...: name the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path} (read with torch.load(weights_only=True)): {first}") from None
+    if what == "a dict of tensors" and (not isinstance(obj, dict)
+                                        or not all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise CheckpointError(f"{path} does not hold a dict of tensors (InternEvo's model_tp*_pp*.pt do).")
+    return obj
+
+
+def model_files(folder: Path) -> dict[tuple[int, int], Path]:
+    """(tp rank, pp rank) -> model_tp{t}_pp{p}.pt, checked to be a full tp x pp grid."""
+    if not folder.is_dir():
+        raise CheckpointError(f"InternEvo checkpoint folder {folder} does not exist.")
+    found = {}
+    for f in sorted(folder.iterdir()):
+        m = MODEL_FILE_RE.match(f.name)
+        if not m:
+            continue
+        if m.group(2) or m.group(4):
+            kind = "isp (model_tp*_wp*_pp*.pt)" if m.group(2) else "fsdp (model_tp*_pp*_dp*.pt)"
+            raise CheckpointError(f"{f} is an InternEvo {kind} model file; only folders of model_tp{{t}}_pp{{p}}.pt "
+                                  f"files can be loaded so far.")
+        found[(int(m.group(1)), int(m.group(3)))] = f
+    if not found:
+        raise CheckpointError(f"{folder} holds no model_tp{{t}}_pp{{p}}.pt file: it is neither one of our "
+                              f"checkpoints ({MARKER}, {META}, {DCP_METADATA}) nor an InternEvo checkpoint folder.")
+    tp = max(t for t, _ in found) + 1
+    pp = max(p for _, p in found) + 1
+    for p in range(pp):
+        for t in range(tp):
+            if (t, p) not in found:
+                raise CheckpointError(f"{folder / f'model_tp{t}_pp{p}.pt'} is missing (the folder has files up to "
+                                      f"tp rank {tp - 1} and pp rank {pp - 1}).")
+    return found
+
+
+class InternEvoSource:
+    """full_tensor(our name, shape) over an InternEvo folder: tp shards and pp stages merged."""
+
+    def __init__(self, folder, args):
+        self.folder = Path(folder)
+        self.args = args
+        self.v1 = args.model_type == "INTERNLM"
+        if args.model_type not in ("INTERNLM", "INTERNLM2_PUBLIC"):
+            raise CheckpointError(f"ckpt_type='internevo' reads InternEvo folders of model_type INTERNLM2_PUBLIC or "
+                                  f"INTERNLM; this run's model_type is {args.model_type}.")
+        files = model_files(self.folder)
+        self.tp = max(t for t, _ in files) + 1
+        self.pp = max(p for _, p in files) + 1
+        self._check_model_config()
+        # their global name -> (the file of each tp rank, the tensor of each tp rank)
+        self.pieces: dict[str, tuple[list[Path], list[torch.Tensor]]] = {}
+        offset = 0
+        for p in range(self.pp):
+            stage = [(files[(t, p)], _load(files[(t, p)])) for t in range(self.tp)]
+            local_layers = set()
+            for t, (path, sd) in enumerate(stage):
+                for key, tensor in sd.items():
+                    name = key[len("model."):] if key.startswith("model.") else key
+                    if name.endswith(_IGNORED):
+                        continue
+                    if name[:1].isdigit():
+                        raise CheckpointError(f"{path} holds {key!r}: a model of several chunks per stage "
+                                              f"(num_chunks > 1), which cannot be loaded so far.")
+                    m = _LAYER_RE.match(name)
+                    if m:
+                        local_layers.add(int(m.group(2)))
+                        name = f"{m.group(1)}.{int(m.group(2)) + offset}.{m.group(3)}"
+                    entry = self.pieces.setdefault(name, ([None] * self.tp, [None] * self.tp))
+                    entry[0][t], entry[1][t] = path, tensor
+            offset += max(local_layers) + 1 if local_layers else 0
+        self._fused: tuple[str, dict] | None = None
+
+    def _check_model_config(self) -> None:
+        path = self.folder / MODEL_CONFIG
+        if not path.is_file():
+            return
+        cfg = _load(path, what="config")
+        if isinstance(cfg, dict) and not self.v1 and cfg.get("adapt_hf", True) is False:
+            raise CheckpointError(f"{path} says adapt_hf=False (interleaved rotary rows), which cannot be loaded "
+                                  f"so far; convert it with InternEvo's convert2hf_internlm2.py and load that with "
+                                  f"ckpt_type='hf'.")
+
+    def _merged(self, name: str, dim: int | None) -> tuple[torch.Tensor, str]:
+        """The full tensor of their `name` (global layer index): shards concatenated along `dim`
+        (None: whole on every rank, rank 0's taken)."""
+        entry = self.pieces.get(name)
+        if entry is None:
+            raise CheckpointError(f"tensor {name!r} is missing from the InternEvo checkpoint {self.folder} "
+                                  f"(layers counted across pipeline stages).")
+        paths, tensors = entry
+        for t, tensor in enumerate(tensors):
+            if tensor is None:
+                present = next(pth for pth in paths if pth is not None)
+                raise CheckpointError(f"tensor {name!r} is in {present.name} but missing from its tp rank {t} file "
+                                      f"of the InternEvo checkpoint {self.folder}.")
+        if dim is None or self.tp == 1:
+            return tensors[0], paths[0].name
+        if any(t.dim() <= dim for t in tensors):
+            raise CheckpointError(f"tensor {name!r} in {paths[0]} has shape {tuple(tensors[0].shape)}; it cannot be "
+                                  f"a shard split along dim {dim}.")
+        return torch.cat(tensors, dim=dim), paths[0].name
+
+    def _qkv(self, layer: str, kind: str) -> dict[str, torch.Tensor]:
+        a = self.args
+        kv, hd = a.num_kv_attention_heads, a.head_dim
+        if self.v1:
+            name = f"blocks.{layer}.mixer.Wqkv.{kind}"
+            self._merged(name, None)  # raises naming the tensor or the tp file that lacks it
+            parts = [t.reshape(3, -1, *t.shape[1:]) for t in self.pieces[name][1]]
+            q, k, v = (torch.cat([p[i] for p in parts], dim=0) for i in range(3))
+            return {"wq": q, "wk": k, "wv": v, "_name": name}
+        name = f"layers.{layer}.attention.wqkv.{kind}"
+        fused, _ = self._merged(name, 0)
+        group = a.num_attention_heads // kv
+        expected = (group + 2) * kv * hd
+        if fused.shape[0] != expected:
+            raise CheckpointError(f"tensor {name!r} of {self.folder} has {fused.shape[0]} rows merged from {self.tp} "
+                                  f"tp shard(s); the model expects {expected} ({kv} kv groups x ({group} q + 1 k + "
+                                  f"1 v) x {hd}).")
+        grouped = fused.reshape(kv, group + 2, hd, *fused.shape[1:])
+        rest = fused.shape[1:]
+        return {"wq": grouped[:, :group].reshape(-1, *rest), "wk": grouped[:, group].reshape(-1, *rest),
+                "wv": grouped[:, group + 1].reshape(-1, *rest), "_name": name}
+
+    def _their_name(self, name: str) -> str:
+        if not self.v1:
+            return name
+        m = _LAYER_RE.match(name)
+        if m:
+            return f"blocks.{m.group(2)}." + {v: k for k, v in _V1_LAYER.items()}.get(m.group(3), m.group(3))
+        return {v: k for k, v in _V1_TOP.items()}.get(name, name)
+
+    def full_tensor(self, name: str, shape) -> torch.Tensor:
+        m = _LAYER_RE.match(name)
+        suffix = m.group(3) if m else name
+        if m and suffix.split(".")[0] == "attention" and suffix.split(".")[1] in ("wq", "wk", "wv"):
+            which, kind = suffix.split(".")[1:]
+            key = f"{m.group(2)}.{kind}"
+            if self._fused is None or self._fused[0] != key:
+                self._fused = (key, self._qkv(m.group(2), kind))
+            full, theirs = self._fused[1][which], self._fused[1]["_name"]
+        elif name == "tok_embeddings.weight":
+            their = self._their_name(name)
+            word = self._their_name("tok_embeddings.word_embeddings.weight")
+            if their not in self.pieces and word in self.pieces:  # vocab-parallel (embed_split_hidden=False)
+                full, _ = self._merged(word, 0)
+                theirs = word
+            else:
+                full, _ = self._merged(their, 1)
+                theirs = their
+        else:
+            theirs = self._their_name(name)
+            dim = 0 if suffix in _DIM0 else 1 if suffix in _DIM1 else None
+            full, _ = self._merged(theirs, dim)
+        if tuple(full.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {theirs!r} of {self.folder} has shape {tuple(full.shape)} merged from "
+                                  f"{self.tp} tp shard(s); our {name!r} has shape {tuple(shape)}.")
+        return full
+
+
+@torch.no_grad()
+def load_internevo_into_parts(model_parts, folder) -> list[str]:
+    """Fill our model parts (a model, or the stages this pipeline rank holds; parallelized or not) from an
+    InternEvo checkpoint folder. Returns our names that were filled."""
+    from internlm.hf.weights import copy_full_into, unique_parameters
+
+    if isinstance(model_parts, nn.Module):
+        model_parts = [model_parts]
+    source = InternEvoSource(folder, model_parts[0].args)
+    filled = []
+    for name, param in unique_parameters(model_parts):
+        copy_full_into(param, source.full_tensor(name, param.shape))
+        filled.append(name)
+    logger.info(f"read InternEvo checkpoint {folder} (tp={source.tp}, pp={source.pp})")
+    return filled

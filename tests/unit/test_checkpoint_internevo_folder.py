@@ -1,0 +1,188 @@
+"""ckpt_type="internevo" on InternEvo's own checkpoint folders (model_tp{t}_pp{p}.pt per rank).
+
+The fixture writer follows InternEvo's save_model_checkpoint and model code as read there (not the
+loader): each pipeline stage numbers its layers from 0; column-parallel weights (wqkv, w1, w3, the head)
+are cut along dim 0, row-parallel ones (wo, w2) along dim 1, the embedding (Embedding1D) along dim 1;
+InternLM2's wqkv holds, per kv head, [q_0 .. q_{g-1}, k, v] rows of head_dim; InternLM v1's Wqkv on a tp
+rank is (three, local heads, head_dim).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from internlm.checkpoint import manager as manager_mod
+from internlm.checkpoint.internevo_format import is_internevo_dir, load_internevo_into_parts
+from internlm.checkpoint.layout import CheckpointError
+from internlm.checkpoint.manager import CheckpointManager
+from internlm.config import config_from_dict
+from tests.helpers import tiny_config, tiny_model_args
+
+
+def random_model(seed=0, **overrides):
+    from internlm.model.internlm import InternLM
+
+    torch.manual_seed(seed)
+    model = InternLM(tiny_model_args(**overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = "") -> Path:
+    """Our model's weights as InternEvo's checkpoint manager writes them (tp x pp files)."""
+    a = model.args
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    v1 = a.model_type == "INTERNLM"
+    kv, hd, h = a.num_kv_attention_heads, a.head_dim, a.hidden_size
+    group = a.num_attention_heads // kv
+    n = a.num_layers // pp
+    folder.mkdir(parents=True)
+    for p in range(pp):
+        shards = [{} for _ in range(tp)]
+
+        def put(name, full, dim, shards=shards):
+            parts = full.chunk(tp, dim=dim) if dim is not None else [full] * tp
+            for t in range(tp):
+                shards[t][prefix + name] = parts[t].clone()
+
+        if p == 0:
+            put("embedding.weight" if v1 else "tok_embeddings.weight", sd["tok_embeddings.weight"], 1)
+        for local in range(n):
+            i = p * n + local
+            ours = f"layers.{i}."
+            if v1:
+                base = f"blocks.{local}."
+                for kind in ("weight", "bias"):
+                    q, k, v = (sd[ours + f"attention.{w}.{kind}"].chunk(tp, dim=0) for w in ("wq", "wk", "wv"))
+                    for t in range(tp):  # each rank: its heads' q, then k, then v
+                        shards[t][prefix + base + f"mixer.Wqkv.{kind}"] = torch.cat([q[t], k[t], v[t]], dim=0)
+                put(base + "mixer.out_proj.weight", sd[ours + "attention.wo.weight"], 1)
+                put(base + "mixer.out_proj.bias", sd[ours + "attention.wo.bias"], None)
+                put(base + "norm1.weight", sd[ours + "attention_norm.weight"], None)
+                put(base + "norm2.weight", sd[ours + "ffn_norm.weight"], None)
+                mlp = base + "mlp."
+            else:
+                base = f"layers.{local}."
+                q = sd[ours + "attention.wq.weight"].reshape(kv, group, hd, h)
+                k = sd[ours + "attention.wk.weight"].reshape(kv, 1, hd, h)
+                v = sd[ours + "attention.wv.weight"].reshape(kv, 1, hd, h)
+                put(base + "attention.wqkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, h), 0)
+                put(base + "attention.wo.weight", sd[ours + "attention.wo.weight"], 1)
+                put(base + "attention_norm.weight", sd[ours + "attention_norm.weight"], None)
+                put(base + "ffn_norm.weight", sd[ours + "ffn_norm.weight"], None)
+                put(base + "attention.rotary_emb.inv_freq", torch.ones(hd // 2), None)  # a buffer InternEvo keeps
+                mlp = base + "feed_forward."
+            put(mlp + "w1.weight", sd[ours + "feed_forward.w1.weight"], 0)
+            put(mlp + "w3.weight", sd[ours + "feed_forward.w3.weight"], 0)
+            put(mlp + "w2.weight", sd[ours + "feed_forward.w2.weight"], 1)
+        if p == pp - 1:
+            put("norm.weight", sd["norm.weight"], None)
+            put("head.weight" if v1 else "output.weight", sd["output.weight"], 0)
+        for t in range(tp):
+            torch.save(shards[t], folder / f"model_tp{t}_pp{p}.pt")
+    torch.save({"num_layers": a.num_layers, "adapt_hf": True}, folder / "model_config.pt")
+    return folder
+
+
+def assert_same(ref, model):
+    ref_sd, got = ref.state_dict(), model.state_dict()
+    assert ref_sd.keys() == got.keys()
+    for k in ref_sd:
+        assert torch.equal(ref_sd[k], got[k]), k
+    ids = torch.randint(0, ref.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ref(ids), model(ids))
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (1, 1)])
+def test_internlm2_folder_merges_tp_and_pp(tmp_path, tp, pp):
+    ref = random_model(0)
+    folder = write_internevo_folder(ref, tmp_path / "evo", tp, pp, prefix="model." if tp == 1 else "")
+    assert is_internevo_dir(folder)
+    fresh = random_model(1)
+    filled = load_internevo_into_parts(fresh, folder)
+    assert len(filled) == len(list(fresh.parameters()))
+    assert_same(ref, fresh)
+
+
+def test_internlm_v1_folder_merges_tp_and_pp(tmp_path):
+    kw = dict(model_type="INTERNLM", num_kv_attention_heads=4, qkv_bias=True, o_bias=True)
+    ref = random_model(0, **kw)
+    folder = write_internevo_folder(ref, tmp_path / "evo", 2, 2)
+    fresh = random_model(1, **kw)
+    load_internevo_into_parts(fresh, folder)
+    assert_same(ref, fresh)
+
+
+def test_errors_name_the_file_or_tensor(tmp_path):
+    ref = random_model(0)
+    fresh = random_model(1)
+    folder = write_internevo_folder(ref, tmp_path / "a", 2, 2)
+    (folder / "model_tp1_pp0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model_tp1_pp0\.pt is missing"):
+        load_internevo_into_parts(fresh, folder)
+
+    folder = write_internevo_folder(ref, tmp_path / "b", 2, 2)
+    sd = torch.load(folder / "model_tp0_pp1.pt", weights_only=True)
+    sd.pop("norm.weight")
+    torch.save(sd, folder / "model_tp0_pp1.pt")
+    with pytest.raises(CheckpointError, match=r"tensor 'norm\.weight' is in model_tp1_pp1\.pt but missing from its "
+                                              r"tp rank 0"):
+        load_internevo_into_parts(fresh, folder)
+
+    folder = write_internevo_folder(ref, tmp_path / "c", 2, 2)
+    for t in range(2):
+        sd = torch.load(folder / f"model_tp{t}_pp1.pt", weights_only=True)
+        sd.pop("output.weight")
+        torch.save(sd, folder / f"model_tp{t}_pp1.pt")
+    with pytest.raises(CheckpointError, match=r"tensor 'output\.weight' is missing from the InternEvo checkpoint"):
+        load_internevo_into_parts(fresh, folder)
+
+    folder = write_internevo_folder(ref, tmp_path / "d", 2, 2)
+    for t in range(2):
+        sd = torch.load(folder / f"model_tp{t}_pp0.pt", weights_only=True)
+        sd["layers.1.feed_forward.w1.weight"] = sd["layers.1.feed_forward.w1.weight"][:-1]
+        torch.save(sd, folder / f"model_tp{t}_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"tensor 'layers\.1\.feed_forward\.w1\.weight' .* has shape \(190, 64\)"):
+        load_internevo_into_parts(fresh, folder)
+
+    # a planted pickle is refused (weights_only), naming the file
+    folder = write_internevo_folder(ref, tmp_path / "e", 1, 1)
+    with open(folder / "model_tp0_pp0.pt", "wb") as f:
+        pickle.dump({"x": Path("/")}, f)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model_tp0_pp0\.pt \(read with torch\.load\(weights_only"):
+        load_internevo_into_parts(fresh, folder)
+
+    # isp files and a folder that is neither format
+    isp = tmp_path / "isp"
+    isp.mkdir()
+    torch.save({}, isp / "model_tp0_wp0_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"model_tp0_wp0_pp0\.pt is an InternEvo isp"):
+        load_internevo_into_parts(fresh, isp)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not is_internevo_dir(empty)
+    with pytest.raises(CheckpointError, match=r"neither one of our checkpoints .* nor an InternEvo checkpoint"):
+        load_internevo_into_parts(fresh, empty)
+
+
+def test_manager_dispatches_internevo_folders(monkeypatch, tmp_path):
+    ref = random_model(0)
+    folder = write_internevo_folder(ref, tmp_path / "evo", 2, 2)
+    fresh = random_model(1)
+    mgr = CheckpointManager.__new__(CheckpointManager)
+    mgr.cfg = config_from_dict(tiny_config(ckpt=dict(
+        auto_resume=False, load_ckpt_info=dict(path=str(folder), content=("model",), ckpt_type="internevo"))))
+    mgr.folder, mgr.rank, mgr.world_size, mgr.model_parts = None, 0, 1, [fresh]
+    monkeypatch.setattr(manager_mod.verify, "check", lambda *a, **k: pytest.fail("read as our format"))
+    mgr.resume()
+    assert_same(ref, fresh)
+    info = dict(path=str(folder), content=("model", "optimizer"), ckpt_type="internevo")
+    mgr.cfg = config_from_dict(tiny_config(ckpt=dict(auto_resume=False, load_ckpt_info=info)))
+    with pytest.raises(CheckpointError, match=r"only its model weights can be loaded so far"):
+        mgr.resume()
