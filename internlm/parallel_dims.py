@@ -9,6 +9,8 @@ pp=2, dp=2 (zero1=2), tp=2: ranks 0,1 form a tp group, ranks 0,2 a dp group, ran
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -31,6 +33,7 @@ class ParallelDims:
     tp: int = 1
     tp_mode: str = "mtp"  # "mtp", "msp" (tensor + sequence parallel) or "isp" (sequence + head parallel)
     wp: int = 1  # with "isp": ranks of the tp group that shard each weight (weight parallelism)
+    zero1_raised_from: int = 0  # zero1.size the config asked for, when weight.size beyond tp raised it
     head: int = 0  # with "isp": 2D sequence parallelism, tp = head x context (0: head = tp, context = 1)
     context: int = 1
     head_first: bool = True  # head-parallel ranks innermost (consecutive)
@@ -60,15 +63,22 @@ class ParallelDims:
         zero1 = shard_group_size(par.zero1.size, dp)
         isp = par.tensor.mode == "isp"
         # weight.size beyond the isp group shards over data-parallel ranks too: zero1's job here (it shards
-        # over dp_shard x wp), so wp stops at the group
+        # over dp_shard x wp), so wp stops at the group and zero1 grows to cover the rest (InternEvo's
+        # 8B_internlm3.py: tensor.size=1, weight.size=16, zero1.size=1 still shards each weight 16 ways)
         wp = min(par.weight.size, tp) if isp else par.weight.size
+        raised_from = 0
+        if isp and par.weight.size > tp:
+            beyond = math.gcd(par.weight.size // tp, dp)
+            wanted = zero1 * beyond // math.gcd(zero1, beyond)  # both divide dp, so their lcm does
+            if wanted != zero1:
+                raised_from, zero1 = zero1, wanted
         s2d = par.sequence_2D
         two_d = isp and s2d.enable
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
                    tp_mode=par.tensor.mode, wp=wp, reshard_after_forward=par.zero1.fsdp,
                    num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
                    head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
-                   head_first=s2d.device_placement_strategy.head_first)
+                   head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from)
 
     @property
     def dp(self) -> int:
@@ -136,7 +146,8 @@ class ParallelDims:
         return out
 
     def describe(self) -> str:
-        return (f"world={self.world_size} pp={self.pp} dp={self.dp} (zero1={self.dp_shard}, "
+        raised = f" raised from {self.zero1_raised_from} by weight.size" if self.zero1_raised_from else ""
+        return (f"world={self.world_size} pp={self.pp} dp={self.dp} (zero1={self.dp_shard}{raised}, "
                 f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}) "
                 f"tp={self.tp} ({self.tp_mode}{f', wp={self.wp}' if self.wp > 1 else ''}"
                 f"{f', head={self.head} x context={self.context}' if self.context > 1 else ''})"

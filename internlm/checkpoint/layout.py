@@ -39,6 +39,7 @@ RNG_DIR = "rng"
 DCP_METADATA = ".metadata"
 SNAPSHOT_DIR = "snapshot"
 SNAPSHOT_SLOTS = ("0", "1")
+HF_EXPORT_DIR = "hf"  # enable_internevo2hf_ckpt: <save_ckpt_folder>/hf/<step>
 FORMAT = "internlm-dcp"
 FORMAT_VERSION = 1
 

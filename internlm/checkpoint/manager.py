@@ -525,6 +525,25 @@ class CheckpointManager:
                     + (f" (removed {', '.join(p.name for p in pruned)}: keep_last={self.keep_last})" if pruned else ""))
         if what == "checkpoint":
             self.notify(f"Saved the checkpoint of step {step} to {final}.")
+            if self.cfg.ckpt.enable_internevo2hf_ckpt:
+                self._export_hf(final, step)
+
+    def _export_hf(self, final: Path, step: int) -> None:
+        """InternEvo's enable_internevo2hf_ckpt: the complete checkpoint, exported by rank 0 as
+        tools/convert2hf.py would. A failed export is logged; the checkpoint itself is already safe."""
+        from internlm.config import torch_dtype
+        from internlm.errors import UserError
+        from internlm.hf.export import export_ckpt_to_hf
+
+        out = self.folder / layout.HF_EXPORT_DIR / str(step)
+        t0 = time.perf_counter()
+        try:
+            report = export_ckpt_to_hf(final, out, dtype=torch_dtype(self.cfg.model.dtype), progress=False)
+        except (UserError, OSError) as exc:
+            logger.warning(f"Hugging Face export of step {step} to {out} failed: {exc}")
+            return
+        logger.info(f"exported step {step} to {out} as transformers '{report.target}' ({report.dtype}) "
+                    f"in {time.perf_counter() - t0:.2f}s")
 
     def _poll_async(self) -> None:
         if self._pending is not None and self._future(self._pending[0]).done():

@@ -302,6 +302,9 @@ class CkptConfig:
                                            "go on; 0: nothing; empty: stop now); doc/checkpoint.md",
                                      check=checks.local_path)
     keep_last: int = key(0, "keep only the newest N checkpoints (0: all)", ge=0)
+    enable_internevo2hf_ckpt: bool = key(False, "also export each saved checkpoint as a Hugging Face folder, "
+                                                "<save_ckpt_folder>/hf/<step> (rank 0, after the save is "
+                                                "complete; as tools/convert2hf.py in model.dtype)")
     load_ckpt_folder: str | None = key(None, "InternEvo's legacy load folder (model, sampler and optimizer)",
                                        legacy="ckpt.load_ckpt_info", check=checks.local_path)
     load_model_only_folder: str | None = key(None, "InternEvo's legacy weights-only load folder",

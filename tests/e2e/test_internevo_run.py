@@ -105,3 +105,26 @@ def test_profiling_writes_a_chrome_trace_and_tensorboard_folder_moves_the_events
     assert "--profiling: trace of steps 3-5 written to" in run.stdout
     assert list(tb.glob("events.out.tfevents.*")) and not (tmp_path / "run" / "tensorboard").exists()
     assert len(run.records) == 6
+
+
+def test_enable_internevo2hf_ckpt_exports_every_checkpoint(tmp_path):
+    """ckpt.enable_internevo2hf_ckpt: each complete checkpoint also lands as a transformers folder in
+    <save_ckpt_folder>/hf/<step>, whose logits equal the checkpoint's own model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from internlm.inference import load_model
+
+    ckpt = tmp_path / "ckpt"
+    cfg = write_config(tmp_path, data=dict(total_steps=4), model=dict(dtype="torch.float32"),
+                       ckpt=dict(save_ckpt_folder=str(ckpt), checkpoint_every=2, enable_internevo2hf_ckpt=True))
+    run = _ok(launcher.run(2, [], tmp_path, config=cfg, timeout=180))
+    assert sorted(p.name for p in (ckpt / "hf").iterdir()) == ["2", "4"], run.tail()
+    assert _steps(ckpt) == [2, 4]  # the exports are not taken for checkpoints
+    assert f"exported step 4 to {ckpt / 'hf' / '4'}" in run.stdout
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = load_model(ckpt / "4")(ids)
+    theirs = AutoModelForCausalLM.from_pretrained(str(ckpt / "hf" / "4"), dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    first = load_model(ckpt / "2")(ids)
+    assert (first - ours).abs().max() > 1e-3  # two different exports, not one copied

@@ -66,6 +66,23 @@ def test_from_config_splits_dp_into_replicas_and_zero1_shards(zero1, world, tp, 
     assert dims.dp == world // (tp * pp) and (dims.tp, dims.pp) == (tp, pp)
 
 
+@pytest.mark.parametrize("weight, zero1, world, tp, want", [
+    (16, 1, 4, 1, (1, 4, 1, "zero1=4 raised from 1 by weight.size")),  # InternEvo's 8B_internlm3.py on 4 ranks
+    (4, 1, 8, 2, (2, 2, 2, "zero1=2 raised from 1 by weight.size")),  # 7B_isp_sft.py: wp=2 in-group, x2 over dp
+    (4, -1, 8, 2, (1, 4, 2, "zero1=4,")),  # zero1 already shards more: unchanged
+    (8, 2, 8, 1, (1, 8, 1, "zero1=8 raised from 2 by weight.size")),
+    (6, 1, 4, 1, (2, 2, 1, "zero1=2 raised from 1 by weight.size")),  # as far as dp divides: gcd(6, 4)
+])
+def test_weight_size_beyond_the_isp_group_raises_zero1(weight, zero1, world, tp, want):
+    """InternEvo shards each weight weight.size ways even beyond the isp group; here the part beyond the
+    group is zero1 sharding, raised to cover it (and said so in the layout line)."""
+    cfg = _cfg("parallel.tensor.mode=isp", f"parallel.tensor.size={tp}", f"parallel.weight.size={weight}",
+               f"parallel.zero1.size={zero1}")
+    dims = ParallelDims.from_config(cfg, world)
+    assert (dims.dp_replicate, dims.dp_shard, dims.wp) == want[:3]
+    assert want[3] in dims.describe()
+
+
 def test_sequence_parallel_only_with_tp():
     assert ParallelDims(world_size=2, tp=2, tp_mode="msp").sequence_parallel
     assert not ParallelDims(world_size=2, tp=2, tp_mode="mtp").sequence_parallel
