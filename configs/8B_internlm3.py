@@ -87,13 +87,17 @@ lr_scheduler = dict(total_steps=TOTAL_STEPS, init_steps=0, warmup_ratio=0.01, et
 
 beta2_scheduler = dict(init_beta2=adam["adam_beta2"], c=adam["adam_beta2_c"], cur_iter=-1)
 
-# 2 key/value heads allow at most tensor size 2; ZeRO-3 style sharding (fsdp=True) over all dp ranks
-# instead of InternEvo's isp + weight parallel.
+# InternEvo's layout for this model: isp with every weight sharded 16 ways (weight parallelism; beyond
+# the isp group of 1 that is zero1 sharding, raised to 16 or to the data-parallel size), gathered for
+# each use. For long sequences raise tensor.size (sequence parallelism) and turn on sequence_2D: with 2
+# key/value heads the head degree stops at 2, the context degree takes the rest (doc/parallel.md).
 parallel = dict(
-    zero1=dict(size=-1, fsdp=True),
-    tensor=dict(size=1, mode="mtp"),
+    zero1=dict(size=1),
+    tensor=dict(size=1, mode="isp"),
     pipeline=dict(size=1, interleaved_overlap=True, mode="1f1b"),
-    weight=dict(size=1),
+    weight=dict(size=16, overlap=True),
+    sequence_2D=dict(enable=False, head_size=2, context_size=4, window_size=1,
+                     device_placement_strategy=dict(head_first=True, interleaved=False)),
 )
 
 ckpt = dict(

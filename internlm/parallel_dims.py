@@ -10,7 +10,6 @@ pp=2, dp=2 (zero1=2), tp=2: ranks 0,1 form a tp group, ranks 0,2 a dp group, ran
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -75,7 +74,9 @@ class ParallelDims:
         s2d = par.sequence_2D
         two_d = isp and s2d.enable
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
-                   tp_mode=par.tensor.mode, wp=wp, reshard_after_forward=par.zero1.fsdp,
+                   tp_mode=par.tensor.mode, wp=wp,
+                   # weight parallelism gathers weights for each use and frees them after (InternEvo's wp)
+                   reshard_after_forward=par.zero1.fsdp or (isp and par.weight.size > 1),
                    num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
                    head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
                    head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from)

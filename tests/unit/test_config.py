@@ -26,8 +26,8 @@ from internlm.parallel_dims import shard_group_size
 from tests.helpers import ROOT, run_python
 
 CONFIGS = ROOT / "configs"
-SHIPPED = ["demo.py", "7B_sft.py", "7B_internlm2.py", "8B_internlm3.py", "demo_sft.py", "7B_internlm2_sft.py",
-           "tiny_hf_sft.py"]
+SHIPPED = ["demo.py", "7B_sft.py", "7B_isp_sft.py", "7B_internlm2.py", "8B_internlm3.py", "demo_sft.py",
+           "7B_internlm2_sft.py", "tiny_hf_sft.py"]
 NO_DATA = ("data.train_folder=None", "data.valid_folder=None", "data.type='tokenized'")
 
 
@@ -71,7 +71,7 @@ def test_shipped_config_loads_and_round_trips_through_yaml(name, tmp_path):
 
 
 @pytest.mark.parametrize("name,world_size", [("demo.py", 1), ("demo.py", 2), ("7B_sft.py", 16),
-                                             ("7B_internlm2.py", 8), ("8B_internlm3.py", 8),
+                                             ("7B_internlm2.py", 8), ("8B_internlm3.py", 8), ("7B_isp_sft.py", 8),
                                              ("7B_internlm2_sft.py", 8)])
 def test_shipped_config_fits_a_world_size(name, world_size):
     validate(load_config(CONFIGS / name, NO_DATA), world_size=world_size)
