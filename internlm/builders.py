@@ -25,6 +25,9 @@ def model_args(cfg: TrainConfig) -> ModelArgs:
         rope_scaling=dict(m.rope_scaling) if m.rope_scaling else None,
         max_position_embeddings=m.max_position_embeddings, qkv_bias=not m.no_bias, o_bias=not m.no_bias,
         tie_word_embeddings=m.tie_word_embeddings, init_std=m.init_std, model_type=cfg.model_type,
+        num_experts=m.num_experts, top_k=cfg.moe.top_k, moe_type=m.moe_type, capacity_factor=cfg.moe.capacity_factor,
+        eval_capacity_factor=cfg.moe.eval_capacity_factor, min_capacity=cfg.moe.min_capacity,
+        drop_tokens=cfg.moe.drop_tokens, moe_use_residual=m.moe_use_residual,
     )
 
 

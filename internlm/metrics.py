@@ -154,18 +154,32 @@ def internevo_mlp_ratio(mlp_ratio: float, multiple_of: int, hidden_size: int, in
     return intermediate_size / hidden_size
 
 
+def active_ffn_width(args) -> float:
+    """The FFN width one token goes through: intermediate_size for a dense model; for a MoE model top_k
+    experts (+ the residual FFN), plus the router (h x num_experts, + h x 2 for the residual mix) as the
+    width of a SwiGLU of the same FLOPs (3 matrices of h x width). Dropped tokens are counted as routed:
+    these are the FLOPs of the active parameters."""
+    f = args.intermediate_size
+    if not getattr(args, "num_experts", 0):
+        return f
+    residual = bool(args.moe_use_residual)
+    return args.top_k * f + (f if residual else 0) + (args.num_experts + (2 if residual else 0)) / 3
+
+
 def step_throughput(args, model_cfg, *, tokens: float, step_time_s: float, world_size: int, seq_len: int,
                     peak_flops: float) -> dict:
     """TGS, TFLOPS (InternEvo's formula) and MFU of one step of `tokens` global tokens. `args` is the
     model's ModelArgs, `model_cfg` the config's `model` section (mlp_ratio, multiple_of, checkpoint)."""
     t = tgs(tokens, step_time_s, world_size)
-    ratio = internevo_mlp_ratio(model_cfg.mlp_ratio, model_cfg.multiple_of, args.hidden_size, args.intermediate_size)
+    ffn = active_ffn_width(args)
+    ratio = (internevo_mlp_ratio(model_cfg.mlp_ratio, model_cfg.multiple_of, args.hidden_size, args.intermediate_size)
+             if ffn == args.intermediate_size else ffn / args.hidden_size)
     tf = megatron_tflops(step_time_s, checkpoint=bool(model_cfg.checkpoint), seq_len=seq_len,
                          hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size,
                          global_batch_size=tokens / seq_len, world_size=world_size, mlp_ratio=ratio)
     fpt = model_flops_per_token(hidden_size=args.hidden_size, num_layers=args.num_layers, vocab_size=args.vocab_size,
                                 num_heads=args.num_attention_heads, num_kv_heads=args.num_kv_attention_heads,
-                                head_dim=args.head_dim, intermediate_size=args.intermediate_size, seq_len=seq_len)
+                                head_dim=args.head_dim, intermediate_size=ffn, seq_len=seq_len)
     return dict(tgs=t, tflops=tf, mfu=mfu(fpt, t, peak_flops), model_flops_per_token=fpt)
 
 
@@ -460,8 +474,9 @@ def _format_value(value: Any) -> str:
 
 
 # in metrics.jsonl and TensorBoard, not in the log line: the per-step count of tokens with loss (the
-# line shows the running total), and whether the step applied (the line shows skipped steps)
-_NOT_LOGGED = ("loss_tokens", "stepped")
+# line shows the running total), whether the step applied (the line shows skipped steps), and the
+# per-layer expert load of a MoE model (the line shows moe_imbalance and moe_dropped)
+_NOT_LOGGED = ("loss_tokens", "stepped", "moe_load")
 
 
 def format_log_line(step: int, metrics: Mapping[str, Any]) -> str:

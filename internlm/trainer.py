@@ -19,6 +19,7 @@ from internlm.launch import launch, seed_everything
 from internlm.log import LOG_LINE, logger, setup_logging
 from internlm.loss import PackedLMLoss, make_target
 from internlm.model.internlm import InternLM
+from internlm.moe_stats import MoEStats
 from internlm.parallel_dims import ParallelDims
 from internlm.parallelize import init_parameters, parallelize
 from internlm.perf import kernel_report, tune_cpu_malloc
@@ -113,6 +114,7 @@ class Trainer:
             self.stage_ids = [0]
             self.model_parts = [full]
         self.num_stages = num_stages
+        self.moe = MoEStats(self.model_parts, cfg.loss.moe_loss_coeff, self.device)
         fsdp = False
         for part in self.model_parts:
             fsdp = parallelize(part, self.dims, self.mesh, cfg.model, self.dtype, cfg.hybrid_zero_optimizer)
@@ -202,6 +204,8 @@ class Trainer:
             for i in range(n_micro):
                 logits = model(inputs[i:i + 1], position_ids=positions[i:i + 1])
                 loss = self.loss_fn(logits, target[i:i + 1])
+                if self.moe:  # the load-balancing loss, logged apart (moe_loss), under the same loss scale
+                    loss = loss + self.moe.after_forward() * self.loss_fn.scale
                 if train:
                     (loss / n_micro).backward()
 
@@ -225,6 +229,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.loss_fn.reset()
         self.loss_fn.scale = self.optimizer.loss_scale
+        self.moe.reset()
         with phase(f"step {self.step + 1} forward/backward"
                    + (" (pipeline schedule)" if self.dims.pp > 1 else "")):
             self._forward_backward(batch, train=True)
@@ -244,6 +249,8 @@ class Trainer:
         self.state.loss_tokens += loss_tokens
         m = self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
         m.update(loss_tokens=loss_tokens, num_loss_tokens=self.state.loss_tokens)
+        if self.moe:
+            m.update(self.moe.reduce(self.world_size))
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 

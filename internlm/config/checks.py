@@ -128,6 +128,14 @@ def must_be_false(what):
     return check
 
 
+def must_be_none(what):
+    def check(path, value):
+        if value is not None and value != "None":
+            raise ConfigError(f"config key '{path}'={value!r} is not supported: {what}.")
+        return None
+    return check
+
+
 def empty_string(path, value):
     if value is None:
         return ""

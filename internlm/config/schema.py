@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from internlm.config import checks
+from internlm.model.shape import MOE_TYPES
 
 
 class _Marker:
@@ -104,6 +105,10 @@ class ModelConfig:
     qk_interleaved: bool = key(False, "InternEvo's interleaved rotary layout",
                                inert="rotary embeddings use the half-rotation layout of Hugging Face")
     enable_qkv_fusion: bool | None = key(None, "InternEvo's fused wqkv", inert="q, k and v stay separate matrices")
+    num_experts: int = key(0, "experts per MoE layer (model_type INTERNLM_MoE; 0: dense FFN); doc/moe.md", ge=0)
+    moe_type: str = key("GShard", "MoE routing: GShard (capacity, tokens beyond it dropped) or Dropless; "
+                                  "MegaBlock / MegaBlock-Dropless are the same routing", choices=MOE_TYPES)
+    moe_use_residual: bool = key(False, "residual MoE: a dense FFN beside the experts, mixed per token")
     adapt_hf: bool = key(True, "InternEvo's choice of rotary layout (True: Hugging Face's)",
                          inert="rotary embeddings use the half-rotation layout of Hugging Face")
 
@@ -180,6 +185,24 @@ class LossConfig:
     kernel: str = key("auto", "cross entropy: auto (chunked), chunked (fp32, 32 MiB blocks), torch",
                       choices=("auto", "chunked", "torch"))
     op_type: str | None = key(None, "InternEvo's loss kernel name", inert="the kernel is chosen by loss.kernel")
+    moe_loss_coeff: float = key(0.01, "weight of the MoE load-balancing loss added to the LM loss (logged "
+                                      "apart as moe_loss)", ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    top_k: int = key(2, "experts per token", ge=1)
+    capacity_factor: float = key(1.0, "GShard: an expert takes at most ceil(top_k * tokens / num_experts * "
+                                      "capacity_factor) tokens of a micro-batch in training", gt=0)
+    eval_capacity_factor: float = key(1.0, "the same in validation", gt=0)
+    min_capacity: int = key(4, "GShard: the least capacity of an expert", ge=0)
+    drop_tokens: bool = key(True, "GShard: drop the tokens beyond an expert's capacity (False: dropless)")
+    noisy_gate_policy: str | None = key(None, "noise on the router logits (only None)",
+                                        check=checks.must_be_none("routing has no noise here; the same tokens "
+                                                                  "go to the same experts in every layout"))
+    use_rts: bool = key(True, "InternEvo's random token selection", inert="tokens are dropped by position "
+                                                                       "(first choices first, in token order)")
+    use_fused_gating: bool = key(False, "InternEvo's fused gating kernel", inert="the gate is one fp32 matmul")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +295,31 @@ class Sequence2DConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExpertConfig:
+    SHORTHAND: ClassVar[str] = "size"
+    size: int = key(1, "ranks the experts are spread over (-1/0: the data-parallel size, capped at "
+                       "num_experts); only 1 today: experts are replicated and sharded by zero1 like every "
+                       "weight", ge=-1)
+    no_tp: bool = key(False, "InternEvo's experts without tensor parallelism",
+                      inert="MoE models run without tensor parallelism here")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertWeightConfig:
+    SHORTHAND: ClassVar[str] = "size"
+    size: int = key(1, "InternEvo's expert weight parallelism: only 1 (shard expert weights with zero1 or "
+                       "zero1.fsdp instead)", ge=1, le=1)
+    overlap: bool = key(False, "InternEvo's expert weight-parallel overlap", inert="no expert weight parallelism")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertZeroConfig:
+    SHORTHAND: ClassVar[str] = "size"
+    size: int = key(-1, "InternEvo's ZeRO group of expert parameters",
+                    inert="expert parameters are sharded by zero1 with the others")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     zero1: ZeroConfig = section(ZeroConfig, "Hybrid ZeRO sharding group")
     tensor: TensorConfig = section(TensorConfig, "tensor parallelism")
@@ -280,7 +328,9 @@ class ParallelConfig:
     sequence_2D: Sequence2DConfig = section(Sequence2DConfig, "InternEvo's 2D sequence parallelism (head x context)")
     sequence_parallel: bool = key(False, "sequence parallelism with tensor parallelism (= tensor.mode='msp')")
     collective_timeout_s: int = key(1800, "seconds before a stuck collective fails with the phase it was in", ge=1)
-    expert: dict = key(factory=dict, doc="InternEvo's expert parallelism", inert="there are no MoE models yet")
+    expert: ExpertConfig = section(ExpertConfig, "InternEvo's expert parallelism (MoE)")
+    expert_weight: ExpertWeightConfig = section(ExpertWeightConfig, "InternEvo's expert weight parallelism")
+    expert_zero1: ExpertZeroConfig = section(ExpertZeroConfig, "InternEvo's ZeRO group of expert parameters")
 
 
 # ---- checkpoints and monitoring ----------------------------------------------------------------
@@ -349,7 +399,7 @@ class MonitorConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     JOB_NAME: str = key("AnonymousJob", "name of the run (default run folder runs/<JOB_NAME>)")
-    model_type: str = key("INTERNLM", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3 or LLAMA2",
+    model_type: str = key("INTERNLM", "INTERNLM, INTERNLM2_PUBLIC, INTERNLM3, LLAMA2 or INTERNLM_MoE",
                           check=checks.model_type)
     model: ModelConfig = section(ModelConfig, "the transformer's shape and its kernels")
     data: DataConfig = section(DataConfig, "packed data and batch")
@@ -360,6 +410,7 @@ class TrainConfig:
     lr_scheduler: LRSchedulerConfig = section(LRSchedulerConfig, "warm-up + cosine learning rate")
     beta2_scheduler: Beta2SchedulerConfig = section(Beta2SchedulerConfig, "beta2 schedule")
     parallel: ParallelConfig = section(ParallelConfig, "the parallel layout")
+    moe: MoEConfig = section(MoEConfig, "Mixture of Experts routing (model_type INTERNLM_MoE); doc/moe.md")
     ckpt: CkptConfig = section(CkptConfig, "checkpoints")
     monitor: MonitorConfig = section(MonitorConfig, "logs and metrics")
     seed: int = key(1024, "seed of the initial weights and the data order", ge=0)

@@ -101,6 +101,8 @@ def validate(cfg, world_size: int | None = None) -> None:
             raise ConfigError(f"parallel.pipeline.mode='zbv' runs two stages per rank: set model.num_chunks=2 "
                               f"(got {chunks}).")
 
+    _check_moe(full, tp, pp)
+
     if world_size is None:
         return
     if world_size < 1 or world_size % (tp * pp):
@@ -109,8 +111,35 @@ def validate(cfg, world_size: int | None = None) -> None:
     from internlm.parallel_dims import shard_group_size
 
     dp = world_size // (tp * pp)
+    ep = expert_parallel_size(par.expert.size, dp, model.num_experts)
+    if model.num_experts and ep > 1:
+        raise ConfigError(f"parallel.expert.size={par.expert.size} asks for expert parallelism over {ep} ranks, which "
+                          f"is not built yet: set parallel.expert.size=1 (every rank holds all experts, sharded by "
+                          f"zero1 like the other weights; doc/moe.md).")
     zero1 = par.zero1.size
     if dp % shard_group_size(zero1, dp):
         raise ConfigError(f"parallel.zero1.size={zero1} does not divide the data-parallel size {dp} (world size "
                           f"{world_size} / (tensor {tp} * pipeline {pp})); use a divisor of {dp}, or -1 to shard "
                           f"over all data-parallel ranks.")
+
+
+def expert_parallel_size(size: int, dp: int, num_experts: int) -> int:
+    """InternEvo's parallel.expert.size: -1/0 -> the data-parallel size, capped at the number of experts."""
+    return min(dp, max(num_experts, 1)) if size <= 0 else size
+
+
+def _check_moe(full, tp: int, pp: int) -> None:
+    model, moe = full.model, full.moe
+    if full.model_type == "INTERNLM_MoE" and model.num_experts < 1:
+        raise ConfigError("model_type 'INTERNLM_MoE' needs model.num_experts >= 1 (e.g. model.num_experts=4).")
+    if model.num_experts and full.model_type != "INTERNLM_MoE":
+        raise ConfigError(f"model.num_experts={model.num_experts} needs model_type='INTERNLM_MoE' (got "
+                          f"{full.model_type!r}); set model.num_experts=0 for a dense model.")
+    if not model.num_experts:
+        return
+    if moe.top_k > model.num_experts:
+        raise ConfigError(f"moe.top_k={moe.top_k} is larger than model.num_experts={model.num_experts}.")
+    for size, key in ((tp, "parallel.tensor.size"), (pp, "parallel.pipeline.size")):
+        if size > 1:
+            raise ConfigError(f"{key}={size} with a MoE model is not built yet: MoE models train with data "
+                              f"parallelism and Hybrid ZeRO (zero1, zero1.fsdp) today; set {key}=1 (doc/moe.md).")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internlm.model.attention import AttentionPlan, packed_attention, plan_attention
+from internlm.model.moe import MoEFeedForward
 from internlm.model.ops import Linear, RMSNorm, apply_rope, rope_cos_sin
 from internlm.model.shape import default_head_dim, swiglu_hidden_dim
 
@@ -52,6 +53,15 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     model_type: str = "INTERNLM2_PUBLIC"
+    # Mixture of Experts (model_type INTERNLM_MoE; 0 experts: dense), moe.py
+    num_experts: int = 0
+    top_k: int = 2
+    moe_type: str = "GShard"
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    moe_use_residual: bool = False
 
     def __post_init__(self):
         if not self.head_dim:
@@ -67,6 +77,8 @@ class ModelArgs:
         q, kv = self.num_attention_heads * hd, self.num_kv_attention_heads * hd
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
         ffn = 3 * h * self.intermediate_size
+        if self.num_experts:
+            ffn = self.num_experts * ffn + h * self.num_experts + (ffn + 2 * h if self.moe_use_residual else 0)
         per_layer = attn + ffn + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_layers * per_layer + h + head
@@ -117,7 +129,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.attention = Attention(args, kernels)
         self.ffn_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.feed_forward = FeedForward(args, kernels)
+        self.feed_forward = (MoEFeedForward(args, FeedForward, kernels) if args.num_experts
+                             else FeedForward(args, kernels))
 
     def forward(self, x, cos, sin, plan: AttentionPlan):
         x = x + self.attention(self.attention_norm(x), cos, sin, plan)
@@ -174,7 +187,7 @@ def init_full_tensor(name: str, shape, args: ModelArgs, seed: int) -> torch.Tens
     if name.endswith(".bias"):
         return torch.zeros(shape)
     std = args.init_std
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "residual_mlp.w2.weight")):
         std = std / math.sqrt(2.0 * args.num_layers)  # scaled init of residual-branch outputs
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return torch.randn(shape, generator=gen) * std

@@ -51,6 +51,10 @@ INTERNLM3 = ("model_type='INTERNLM3'", "model.head_dim=32")  # head_dim * heads 
 KV4 = ("model.num_kv_attention_heads=4",)  # isp4 splits the key/value heads too
 ISP2 = ("parallel.tensor.size=2", "parallel.tensor.mode='isp'")
 ISP4 = ("parallel.tensor.size=4", "parallel.tensor.mode='isp'")
+# InternEvo's MoE: 4 experts, top-2 GShard routing with capacity factor 1 (tokens are dropped), and a
+# dropless top-1 residual MoE; the load-balancing loss is in the gradients compared
+MOE = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "loss.moe_loss_coeff=0.1")
+MOE_RESIDUAL = (*MOE, "model.moe_type='Dropless'", "moe.top_k=1", "model.moe_use_residual=True")
 
 
 def S2D(head: int, context: int) -> tuple[str, ...]:
@@ -82,6 +86,10 @@ LAYOUTS = [
     Layout("isp2_context2_checkpoint", 2, 1, (*ISP2, *S2D(1, 2), "model.checkpoint=True")),
     Layout("isp4_head2_context2_context_first", 4, 1,
            (*ISP4, *S2D(2, 2), "parallel.sequence_2D.device_placement_strategy.head_first=False")),
+    # Mixture of Experts (experts replicated, sharded by zero1 / FSDP like every weight)
+    Layout("moe_dp2_zero1-2", 2, 2, ("parallel.zero1.size=2",), reference=MOE),
+    Layout("moe_dp2_fsdp_checkpoint", 2, 2, ("parallel.zero1.fsdp=True", "model.checkpoint=True"), reference=MOE),
+    Layout("moe_residual_dropless_dp2_zero1-1", 2, 2, ("parallel.zero1.size=1",), reference=MOE_RESIDUAL),
     # pipeline parallel
     Layout("pp2_1f1b", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'")),
     Layout("pp2_interleaved", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'",
@@ -119,6 +127,13 @@ def test_layout_matches_single_process(layout: Layout, runner, parity_log):
     parity_log(layout.name, layout.nproc, parity, layout.tolerance,
                ("ok" if ok else "FAIL") + (" (known bug: xfail)" if layout.xfail else ""))
     assert ok, f"{layout.name}: {parity} exceeds {layout.tolerance:g}\n{got.tail(20)}"
+    if "moe_load" in ref.records[0]:
+        # the same tokens go to the same experts and the same ones are dropped: every layer's tokens per
+        # expert and drops are equal to one process's, step by step (and GShard did drop some)
+        assert [r["moe_load"] for r in got.records[:layout.steps]] == \
+            [r["moe_load"] for r in ref.records[:layout.steps]]
+        dropless = "model.moe_type='Dropless'" in layout.reference
+        assert (sum(r["moe_dropped"] for r in ref.records) == 0) == dropless
     # a run that trains nothing would pass the comparison too: the reference must move
     losses = [r["loss"] for r in ref.records[:layout.steps]]
     assert max(losses) - min(losses) > 1e-2 * losses[0]

@@ -1,0 +1,127 @@
+"""Mixture of Experts feed-forward layer (InternEvo's `INTERNLM_MoE`), plain PyTorch.
+
+Routing, per micro-batch, in fp32:
+- a linear gate gives each token a probability over `num_experts` experts (softmax), and it goes to its
+  `top_k` most likely ones. With top_k = 1 the expert output is weighted by that probability (GShard /
+  Switch); with top_k >= 2 by the top-k probabilities renormalised to sum to one (GShard's top-2,
+  Mixtral's routing).
+- GShard (`moe_type="GShard"`, InternEvo's default): each expert takes at most
+  `capacity = max(ceil(top_k * tokens / num_experts * capacity_factor), min_capacity)` tokens; a token
+  beyond it is dropped for that expert (its weight there is zero, the residual stream carries it).
+  First choices are placed before second choices, each in token order, so the same tokens are dropped
+  in every layout (InternEvo's random token selection, `use_rts`, is not used: it depends on the RNG).
+  `Dropless` keeps every token.
+- the load-balancing loss (GShard/Switch): `num_experts * sum_e(mean gate prob of e * share of tokens
+  whose first choice is e)`, 1.0 for a perfectly balanced router; the trainer adds
+  `loss.moe_loss_coeff` times the sum over layers to the LM loss.
+- `moe_use_residual` (residual MoE, DeepSpeed's PR-MoE): a dense SwiGLU beside the experts, mixed with
+  them per token by a softmax over a 2-way linear coefficient.
+
+Experts are stacked weights (`experts.w1` [E, ffn, h], `w3` [E, ffn, h], `w2` [E, h, ffn]) run one
+after another over the tokens routed to each (a loop; the same arithmetic as one SwiGLU per expert).
+Each layer keeps the statistics of its last forward (`stats`: tokens per expert before dropping,
+dropped assignments) and its auxiliary loss (`aux_loss`) for the trainer to read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internlm.model.shape import drops_tokens
+
+
+def route(logits: torch.Tensor, top_k: int, capacity: int | None):
+    """logits [N, E] (fp32) -> (weights [N, k], experts [N, k], kept [N, k] bool, aux loss, load [E]).
+    `capacity` None: nothing dropped."""
+    n, num_experts = logits.shape
+    probs = logits.softmax(dim=-1)
+    top_p, experts = probs.topk(top_k, dim=-1)
+    weights = top_p if top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).eps)
+    with torch.no_grad():
+        onehot = F.one_hot(experts, num_experts)  # [N, k, E]
+        load = onehot.sum(dim=(0, 1))
+        if capacity is None:
+            kept = torch.ones_like(experts, dtype=torch.bool)
+        else:
+            # slot of each assignment in its expert's queue: all first choices (in token order), then all
+            # second choices, ...
+            order = onehot.transpose(0, 1).reshape(top_k * n, num_experts)
+            slot = (order.cumsum(dim=0) - 1).reshape(top_k, n, num_experts).transpose(0, 1)
+            kept = (slot.gather(-1, experts.unsqueeze(-1)).squeeze(-1) < capacity)
+    first_share = F.one_hot(experts[:, 0], num_experts).float().mean(dim=0)
+    aux = num_experts * (probs.mean(dim=0) * first_share).sum()
+    return weights * kept, experts, kept, aux, load
+
+
+class Experts(nn.Module):
+    """`num_experts` SwiGLU FFNs as stacked weights."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [N, h]; weights/experts [N, k] (expert -1: dropped) -> sum_k weights * expert_k(x) [N, h]."""
+        out = torch.zeros_like(x)
+        flat_expert = experts.reshape(-1)
+        flat_weight = weights.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
+        for e in range(self.w1.shape[0]):
+            pick = (flat_expert == e).nonzero().squeeze(-1)
+            if pick.numel() == 0:
+                continue
+            rows = token[pick]
+            h = x[rows]
+            y = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            out.index_add_(0, rows, y * flat_weight[pick].unsqueeze(-1).to(y.dtype))
+        return out
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, args, dense_ffn_cls, kernels):
+        super().__init__()
+        h, f = args.hidden_size, args.intermediate_size
+        self.num_experts, self.top_k = args.num_experts, args.top_k
+        self.drop = drops_tokens(args.moe_type, args.drop_tokens)
+        self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
+        self.min_capacity = args.min_capacity
+        self.gate = nn.Linear(h, args.num_experts, bias=False)
+        self.experts = Experts(args.num_experts, h, f)
+        self.residual_mlp = dense_ffn_cls(args, kernels) if args.moe_use_residual else None
+        self.coefficient = nn.Linear(h, 2, bias=False) if args.moe_use_residual else None
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: dict | None = None
+
+    def capacity(self, tokens: int) -> int | None:
+        if not self.drop:
+            return None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return max(math.ceil(self.top_k * tokens / self.num_experts * factor), self.min_capacity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = F.linear(flat.float(), self.gate.weight.float())
+        weights, experts, kept, aux, load = route(logits, self.top_k, self.capacity(flat.shape[0]))
+        out = self.experts(flat, weights, experts.masked_fill(~kept, -1))
+        if self.residual_mlp is not None:
+            coef = F.linear(flat.float(), self.coefficient.weight.float()).softmax(dim=-1).to(out.dtype)
+            out = out * coef[:, :1] + self.residual_mlp(flat) * coef[:, 1:]
+        self.aux_loss = aux
+        self.stats = dict(load=load.detach(), dropped=(~kept).sum().detach())
+        return out.reshape(shape)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the load-balancing losses of the model's MoE layers in their last forward."""
+    losses = [m.aux_loss for _, m in moe_layers(model) if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
