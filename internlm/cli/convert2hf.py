@@ -1,13 +1,14 @@
 """Export a training checkpoint to a Hugging Face transformers folder.
 
     python tools/convert2hf.py --src CKPT_DIR --tgt OUT_DIR [--tokenizer tokenizer.model] \
-        [--dtype bfloat16] [--max_shard 10GB] [--model_type internlm3|llama]
+        [--dtype bfloat16] [--max_shard 10GB] [--model_type internlm3|llama|mixtral]
 
 CKPT_DIR is a checkpoint step folder (DCP files + config.yaml) or a checkpoint root (its newest step
 is taken). OUT_DIR receives model-0000x-of-0000N.safetensors, model.safetensors.index.json,
 config.json, generation_config.json and, with a tokenizer, tokenizer.model, tokenizer.json,
 tokenizer_config.json and special_tokens_map.json; `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
-loads it without remote code. --model_type defaults to internlm3 for INTERNLM3 and llama otherwise.
+loads it without remote code. --model_type defaults to internlm3 for INTERNLM3, mixtral for
+INTERNLM_MoE (doc/moe.md) and llama otherwise.
 Exits with status 2 when the target cannot express the model. See doc/convert.md.
 """
 
@@ -26,8 +27,9 @@ def main(argv=None) -> int:
                         help="sentencepiece tokenizer.model (default: the config's data.tokenizer_path if it exists)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
     parser.add_argument("--max_shard", default="10GB", help="largest safetensors file, e.g. 10GB or 500MB")
-    parser.add_argument("--model_type", default=None, choices=["internlm3", "llama"],
-                        help="transformers model type (default: internlm3 for INTERNLM3, llama otherwise)")
+    parser.add_argument("--model_type", default=None, choices=["internlm3", "llama", "mixtral"],
+                        help="transformers model type (default: internlm3 for INTERNLM3, mixtral for MoE, llama "
+                             "otherwise)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 

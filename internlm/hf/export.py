@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from internlm.hf.mapping import (
     layer_sort_key,
     to_hf_name,
 )
+from internlm.hf.mixtral import check_mixtral, mixtral_config, mixtral_entries
 from internlm.hf.tokenizer_files import find_tokenizer, write_tokenizer_files
 from internlm.hf.weights import StateDictSource, parse_size, remove_weight_files, write_safetensors_shards
 from internlm.model.internlm import InternLM, ModelArgs
@@ -52,21 +53,34 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
     t0 = time.time()
     target = target or default_target(args)
     check_expressible(args, target)
+    notes = check_mixtral(args) if target == "mixtral" else []
     expected = expected_parameters(args)
-    entries, hf_to_ours = [], {}
+    entries, producers = [], {}
+
+    def read(name):
+        return source.full_tensor(name, expected[name])
+
     for name in sorted(expected, key=layer_sort_key):
+        if ".feed_forward." in name and args.num_experts:
+            if name.endswith("experts.w1"):  # the layer's MoE tensors, written once
+                layer = int(name.split(".")[1])
+                for hf_name, shape, make in mixtral_entries(layer, expected, read):
+                    entries.append((hf_name, shape))
+                    producers[hf_name] = (name, make)
+            continue
         hf_name = to_hf_name(name)
         entries.append((hf_name, expected[name]))
-        hf_to_ours[hf_name] = name
+        producers[hf_name] = (name, lambda n=name: read(n))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = {"bos": 1, "eos": 2, "pad": None}
     if tokenizer:
         ids = write_tokenizer_files(tokenizer, out_dir, args.max_position_embeddings)
     def finite_tensor(key):
-        tensor = source.full_tensor(hf_to_ours[key], expected[hf_to_ours[key]])
+        ours, make = producers[key]
+        tensor = make()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ConversionError(f"tensor {hf_to_ours[key]!r} holds NaN or inf values (the training diverged); "
+            raise ConversionError(f"tensor {ours!r} holds NaN or inf values (the training diverged); "
                                   f"refusing to export it")
         return tensor
 
@@ -75,7 +89,11 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
     except ConversionError:
         remove_weight_files(out_dir)  # no half-written export is left behind
         raise
-    config = hf_config_dict(args, target, dtype, ids.get("bos"), ids.get("eos"), ids.get("pad"))
+    if target == "mixtral":  # Llama's attention, embedding and norms, then Mixtral's experts
+        config = mixtral_config(args, hf_config_dict(replace(args, num_experts=0), "llama", dtype, ids.get("bos"),
+                                                     ids.get("eos"), ids.get("pad")))
+    else:
+        config = hf_config_dict(args, target, dtype, ids.get("bos"), ids.get("eos"), ids.get("pad"))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # a chat model ends its turn with <|im_end|>: generation stops there as at eos
     eos = [ids["eos"], ids["im_end"]] if ids.get("im_end") is not None else ids.get("eos")
@@ -86,7 +104,7 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
     return ExportReport(out_dir=str(out_dir), target=target, model_type=args.model_type,
                         dtype=str(dtype).replace("torch.", ""), shards=written["shards"],
                         total_size=written["total_size"], tokenizer=str(tokenizer) if tokenizer else None,
-                        seconds=time.time() - t0)
+                        seconds=time.time() - t0, notes=notes)
 
 
 def export_model_to_hf(model: InternLM, out_dir, **kwargs) -> ExportReport:

@@ -28,7 +28,7 @@ from internlm.model.internlm import InternLM, ModelArgs, canonical_name
 
 logger = logging.getLogger("internlm")
 
-HF_TARGETS = ("llama", "internlm3")
+HF_TARGETS = ("llama", "internlm3", "mixtral")
 
 # ------------------------------------------------------------------------------------------- names
 
@@ -108,6 +108,9 @@ def check_expressible(args: ModelArgs, target: str) -> None:
     """Raise ConversionError when transformers' `target` model type cannot hold this model exactly."""
     if target not in HF_TARGETS:
         raise ConversionError(f"unknown Hugging Face model type {target!r}; choose one of {', '.join(HF_TARGETS)}.")
+    if bool(args.num_experts) != (target == "mixtral"):
+        raise ConversionError(f"a {'MoE' if args.num_experts else 'dense'} model exports as "
+                              f"{'mixtral' if args.num_experts else 'llama or internlm3'}, not {target}.")
     if args.hidden_size % args.num_attention_heads:
         raise ConversionError(
             f"hidden_size={args.hidden_size} is not a multiple of num_attention_heads={args.num_attention_heads}: "
@@ -129,6 +132,8 @@ def check_expressible(args: ModelArgs, target: str) -> None:
 
 
 def default_target(args: ModelArgs) -> str:
+    if args.num_experts:
+        return "mixtral"
     return "internlm3" if args.model_type == "INTERNLM3" else "llama"
 
 

@@ -26,8 +26,8 @@ from internlm.parallel_dims import shard_group_size
 from tests.helpers import ROOT, run_python
 
 CONFIGS = ROOT / "configs"
-SHIPPED = ["demo.py", "7B_sft.py", "7B_isp_sft.py", "7B_internlm2.py", "8B_internlm3.py", "demo_sft.py",
-           "7B_internlm2_sft.py", "tiny_hf_sft.py"]
+SHIPPED = ["demo.py", "7B_sft.py", "7B_isp_sft.py", "1.8B_MoE16_sft.py", "7B_internlm2.py", "8B_internlm3.py",
+           "demo_sft.py", "7B_internlm2_sft.py", "tiny_hf_sft.py"]
 NO_DATA = ("data.train_folder=None", "data.valid_folder=None", "data.type='tokenized'")
 
 

@@ -1,0 +1,110 @@
+"""The MoE layer (internlm/model/moe.py) and its export to transformers' Mixtral."""
+import math
+
+import pytest
+import torch
+
+from internlm.errors import ConversionError
+from internlm.hf.export import export_model_to_hf
+from internlm.model.internlm import InternLM, ModelArgs, init_full_tensor
+from internlm.model.moe import moe_aux_loss, moe_layers, route
+
+
+def _moe_args(**kw):
+    base = dict(vocab_size=96, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_attention_heads=2,
+                intermediate_size=48, num_experts=4, top_k=2, moe_type="Dropless", model_type="INTERNLM_MoE")
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def _model(args, seed=3):
+    model = InternLM(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_full_tensor(name, p.shape, args, seed) * (10 if "gate" in name else 1))
+    return model
+
+
+def test_route_weights_capacity_order_and_aux_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 4)
+    probs = logits.softmax(-1)
+    weights, experts, kept, aux, load = route(logits, 2, capacity=None)
+    top = probs.topk(2, dim=-1)
+    assert torch.equal(experts, top.indices) and kept.all()
+    torch.testing.assert_close(weights, top.values / top.values.sum(-1, keepdim=True))
+    assert int(load.sum()) == 20
+    first = torch.bincount(top.indices[:, 0], minlength=4).float() / 10
+    torch.testing.assert_close(aux, 4 * (probs.mean(0) * first).sum())
+    # top-1 keeps the probability itself (Switch/GShard top-1)
+    w1, e1, *_ = route(logits, 1, capacity=None)
+    torch.testing.assert_close(w1[:, 0], probs.max(-1).values)
+    # every token prefers expert 0, second choice expert 1: capacity 3 keeps the first three tokens'
+    # first choices; expert 1's queue holds the second choices in token order
+    skewed = torch.tensor([[4.0, 2.0, 0.0, 0.0]]).repeat(5, 1)
+    w, e, kept, aux, load = route(skewed, 2, capacity=3)
+    assert kept[:, 0].tolist() == [True, True, True, False, False]
+    assert kept[:, 1].tolist() == [True, True, True, False, False]
+    assert (w[~kept] == 0).all() and load.tolist() == [5, 5, 0, 0]
+    # a perfectly balanced router has aux loss 1
+    balanced = torch.zeros(8, 4)
+    assert math.isclose(route(balanced, 1, None)[3].item(), 1.0, rel_tol=1e-6)
+
+
+def test_dropped_tokens_pass_through_unchanged_and_layer_reports_them():
+    args = _moe_args(moe_type="GShard", capacity_factor=0.25, min_capacity=0)
+    model = _model(args)
+    layer = model.layers["0"].feed_forward
+    x = torch.randn(1, 16, 32)
+    out = layer(x)
+    assert layer.stats["dropped"] > 0 and int(layer.stats["load"].sum()) == 32
+    cap = layer.capacity(16)  # ceil(2 * 16 / 4 * 0.25) = 2 per expert
+    assert cap == 2
+    zero_rows = (out[0].abs().sum(-1) == 0).sum().item()
+    assert zero_rows >= 16 - 4 * cap // 1  # at most 4 experts x 2 slots reach the tokens
+    dense = _model(_moe_args(moe_type="Dropless"))
+    ref = dense.layers["0"].feed_forward(x)
+    assert not torch.allclose(ref, out)
+
+
+def test_aux_loss_reaches_the_router_and_sums_over_layers():
+    model = _model(_moe_args())
+    model(torch.randint(0, 96, (1, 24)))
+    aux = moe_aux_loss(model)
+    assert torch.isclose(aux, sum(m.aux_loss for _, m in moe_layers(model)))
+    aux.backward()
+    assert all(m.gate.weight.grad.abs().sum() > 0 for _, m in moe_layers(model))
+    assert model.layers["1"].feed_forward.experts.w1.grad is None  # no aux loss lies after the last experts
+
+
+def test_export_to_mixtral_gives_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = _moe_args(num_layers=3, num_experts=8, top_k=2)
+    model = _model(args).eval()
+    report = export_model_to_hf(model, tmp_path / "hf", dtype=torch.float32, progress=False)
+    assert report.target == "mixtral" and report.notes == []
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+    # GShard with room for every token in evaluation is the same model: exported with a note
+    gshard = _model(_moe_args(moe_type="GShard", eval_capacity_factor=4.0)).eval()
+    note = export_model_to_hf(gshard, tmp_path / "g", dtype=torch.float32, progress=False).notes
+    assert note and "drops tokens" in note[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, gshard(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_k=1), "top_k=1"),
+    (dict(moe_use_residual=True), "residual MoE"),
+    (dict(qkv_bias=True, o_bias=True), "model.no_bias=True"),
+])
+def test_export_refuses_what_mixtral_cannot_hold(kw, message, tmp_path):
+    model = _model(_moe_args(**kw))
+    with pytest.raises(ConversionError, match=message):
+        export_model_to_hf(model, tmp_path / "hf", dtype=torch.float32, progress=False)
+    assert not list((tmp_path / "hf").glob("*.safetensors"))
