@@ -17,6 +17,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
+def expert_parallel_size(size: int, dp: int, num_experts: int) -> int:
+    """InternEvo's parallel.expert.size: -1/0 -> the data-parallel size, capped at the number of experts."""
+    return min(dp, max(num_experts, 1)) if size <= 0 else size
+
+
 def shard_group_size(zero1_size: int, dp: int) -> int:
     """`parallel.zero1.size` -> ranks that shard params/grads/optimizer state: -1 or 0 -> all of dp; a
     size above dp is capped at dp."""
@@ -39,6 +44,7 @@ class ParallelDims:
     reshard_after_forward: bool = False  # parallel.zero1.fsdp: parameters resharded after forward (ZeRO-3)
     num_chunks: int = 1
     pp_mode: str = "1f1b"
+    ep: int = 1  # MoE expert parallelism: data-parallel ranks that split each layer's experts
 
     def __post_init__(self):
         product = self.pp * self.dp_replicate * self.dp_shard * self.tp
@@ -51,8 +57,12 @@ class ParallelDims:
             self.head = self.tp // self.context
         if self.head * self.context != self.tp:
             raise ValueError(f"head({self.head}) x context({self.context}) != tp({self.tp})")
+        if self.dp % self.ep or (self.ep > 1 and (self.tp > 1 or self.pp > 1)):
+            raise ValueError(f"expert parallelism ({self.ep}) splits the data-parallel ranks (dp={self.dp}) "
+                             f"of a run without tensor or pipeline parallelism")
         self._fsdp_mesh = None
         self._sp_groups = None
+        self._expert_mesh = None
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> "ParallelDims":
@@ -79,7 +89,8 @@ class ParallelDims:
                    reshard_after_forward=par.zero1.fsdp or (isp and par.weight.size > 1),
                    num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
                    head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
-                   head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from)
+                   head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from,
+                   ep=expert_parallel_size(par.expert.size, dp, cfg.model.num_experts) if cfg.model.num_experts else 1)
 
     @property
     def dp(self) -> int:
@@ -138,6 +149,14 @@ class ParallelDims:
             self._fsdp_mesh = full["fsdp_replicate", "fsdp_shard"]
         return self._fsdp_mesh
 
+    def expert_mesh(self, device_type: str) -> DeviceMesh:
+        """(edp, ep) mesh of expert parallelism (internlm.expert_parallel), built once, on every rank."""
+        if self._expert_mesh is None:
+            from internlm.expert_parallel import expert_mesh
+
+            self._expert_mesh = expert_mesh(device_type, self.world_size, self.ep)
+        return self._expert_mesh
+
     def coords(self, rank: int) -> dict:
         out = {}
         for name, size in reversed(list(zip(MESH_DIMS, (self.pp, self.dp_replicate, self.dp_shard, self.tp)))):
@@ -152,7 +171,8 @@ class ParallelDims:
                 f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}) "
                 f"tp={self.tp} ({self.tp_mode}{f', wp={self.wp}' if self.wp > 1 else ''}"
                 f"{f', head={self.head} x context={self.context}' if self.context > 1 else ''})"
-                + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else ""))
+                + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else "")
+                + (f" ep={self.ep}" if self.ep > 1 else ""))
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),

@@ -118,9 +118,10 @@ def apply_compile(model: InternLM):
 
 
 def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
-                      prefetch: bool = True):
+                      prefetch: bool = True, ignored_params: set | None = None):
     """FSDP2/HSDP: shard within dp_shard (zero1 size), replicate across dp_replicate. Master weights
-    stay fp32; compute runs in `param_dtype`; gradients are reduced in fp32."""
+    stay fp32; compute runs in `param_dtype`; gradients are reduced in fp32. `ignored_params` (expert-
+    parallel experts) are left to their own layout."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -128,8 +129,9 @@ def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.d
     for i, block in enumerate(blocks):
         # the last block is resharded by the root right away; skipping it avoids a re-gather
         fully_shard(block, mesh=dp_mesh, mp_policy=mp,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, ignored_params=ignored_params)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored_params)
     if prefetch and len(blocks) > 1:
         # overlap_sync_param / overlap_sync_grad: prefetch the next block's all-gather in forward
         # and the previous block's in backward while this one computes.
@@ -159,6 +161,11 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
             apply_sequence_parallel(model, head_group, dims.head, context_group, dims.context)
         else:
             apply_sequence_parallel(model, mesh["tp"].get_group(), dims.isp)
+    experts = None
+    if dims.ep > 1:
+        from internlm.expert_parallel import apply_expert_parallel
+
+        experts = set(apply_expert_parallel(model, dims.expert_mesh(mesh.device_type), dims.ep))
     policy = model_cfg.checkpoint_policy
     n_ckpt = apply_activation_checkpointing(model, model_cfg.checkpoint, policy)
     if n_ckpt:
@@ -167,7 +174,8 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
         apply_compile(model)
     if dims.fsdp:
         apply_hybrid_zero(model, dims.fsdp_mesh(mesh), compute_dtype,
-                          reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero))
+                          reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero),
+                          ignored_params=experts)
         return True
     return False
 

@@ -75,7 +75,7 @@ class Trainer:
         run_meta = {"model_type": cfg.model_type, "dtype": str(self.dtype), "num_params": self.model_args.num_params(),
                     "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "zero1": d.dp_shard, "dp_replicate": d.dp_replicate,
                                "num_chunks": d.num_chunks, "pp_mode": d.pp_mode, "tp_mode": d.tp_mode,
-                               "wp": d.wp, "fsdp": d.reshard_after_forward}}
+                               "wp": d.wp, "fsdp": d.reshard_after_forward, "ep": d.ep}}
         # saves, snapshots, stop signals (see doc/checkpoint.md)
         self.checkpoints = CheckpointManager(
             cfg, model_parts=self.model_parts, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
@@ -233,6 +233,10 @@ class Trainer:
         with phase(f"step {self.step + 1} forward/backward"
                    + (" (pipeline schedule)" if self.dims.pp > 1 else "")):
             self._forward_backward(batch, train=True)
+            if self.dims.ep > 1:  # expert-parallel experts: averaged over dp as FSDP averages the rest
+                from internlm.expert_parallel import reduce_expert_grads
+
+                reduce_expert_grads(self.model_parts, self.dims.expert_mesh(self.device.type), self.dims.dp)
         with phase(f"step {self.step + 1} optimizer (grad-norm all-reduce)"):
             stepped, grad_norm = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]

@@ -307,6 +307,8 @@ class CheckpointManager:
             saved = " ".join(f"{k}={lay[k]}" for k in ("tp", "pp", "dp", "zero1", "num_chunks") if k in lay)
             if lay.get("tp_mode") == "isp":
                 saved += f" (isp{', wp=' + str(lay['wp']) if lay.get('wp', 1) > 1 else ''})"
+            if lay.get("ep", 1) > 1:
+                saved += f" ep={lay['ep']}"
             logger.info(f"{'resumed' if 'sampler' in loaded else 'loaded'} from {path} "
                  f"(step {info.step}{', saved under ' + saved if saved else ''}): {', '.join(loaded)} "
                  f"in {time.perf_counter() - t0:.1f}s")

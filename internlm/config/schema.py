@@ -297,9 +297,9 @@ class Sequence2DConfig:
 @dataclass(frozen=True, kw_only=True)
 class ExpertConfig:
     SHORTHAND: ClassVar[str] = "size"
-    size: int = key(1, "ranks the experts are spread over (-1/0: the data-parallel size, capped at "
-                       "num_experts); only 1 today: experts are replicated and sharded by zero1 like every "
-                       "weight", ge=-1)
+    size: int = key(1, "data-parallel ranks each MoE layer's experts are spread over, tokens sent to them by "
+                       "all-to-all (-1/0: the data-parallel size, capped at num_experts; 1: every rank holds all "
+                       "experts, sharded by zero1 like every weight); doc/moe.md", ge=-1)
     no_tp: bool = key(False, "InternEvo's experts without tensor parallelism",
                       inert="MoE models run without tensor parallelism here")
 

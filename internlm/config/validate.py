@@ -108,24 +108,23 @@ def validate(cfg, world_size: int | None = None) -> None:
     if world_size < 1 or world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor.size({tp}) * "
                           f"parallel.pipeline.size({pp}).")
-    from internlm.parallel_dims import shard_group_size
+    from internlm.parallel_dims import expert_parallel_size, shard_group_size
 
     dp = world_size // (tp * pp)
     ep = expert_parallel_size(par.expert.size, dp, model.num_experts)
     if model.num_experts and ep > 1:
-        raise ConfigError(f"parallel.expert.size={par.expert.size} asks for expert parallelism over {ep} ranks, which "
-                          f"is not built yet: set parallel.expert.size=1 (every rank holds all experts, sharded by "
-                          f"zero1 like the other weights; doc/moe.md).")
+        if dp % ep:
+            raise ConfigError(f"parallel.expert.size={par.expert.size} does not divide the data-parallel size {dp}: "
+                              f"expert parallelism splits the data-parallel ranks into groups of that size.")
+        if model.num_experts % ep:
+            raise ConfigError(f"model.num_experts={model.num_experts} is not divisible by the expert-parallel size "
+                              f"{ep} (parallel.expert.size={par.expert.size}): each rank holds the same number of "
+                              f"experts.")
     zero1 = par.zero1.size
     if dp % shard_group_size(zero1, dp):
         raise ConfigError(f"parallel.zero1.size={zero1} does not divide the data-parallel size {dp} (world size "
                           f"{world_size} / (tensor {tp} * pipeline {pp})); use a divisor of {dp}, or -1 to shard "
                           f"over all data-parallel ranks.")
-
-
-def expert_parallel_size(size: int, dp: int, num_experts: int) -> int:
-    """InternEvo's parallel.expert.size: -1/0 -> the data-parallel size, capped at the number of experts."""
-    return min(dp, max(num_experts, 1)) if size <= 0 else size
 
 
 def _check_moe(full, tp: int, pp: int) -> None:

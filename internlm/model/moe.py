@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from internlm.model.shape import drops_tokens
 
@@ -96,6 +97,9 @@ class MoEFeedForward(nn.Module):
         self.coefficient = nn.Linear(h, 2, bias=False) if args.moe_use_residual else None
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict | None = None
+        # the experts' runner: None runs them here; expert parallelism (internlm.expert_parallel) sets a
+        # callable (experts, x, weights, chosen) -> output that sends the tokens to the experts' ranks
+        self.dispatch = None
 
     def capacity(self, tokens: int) -> int | None:
         if not self.drop:
@@ -106,9 +110,15 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = F.linear(flat.float(), self.gate.weight.float())
-        weights, experts, kept, aux, load = route(logits, self.top_k, self.capacity(flat.shape[0]))
-        out = self.experts(flat, weights, experts.masked_fill(~kept, -1))
+        with record_function("moe_routing"):  # named for the profiler (routing overhead share)
+            logits = F.linear(flat.float(), self.gate.weight.float())
+            weights, experts, kept, aux, load = route(logits, self.top_k, self.capacity(flat.shape[0]))
+            chosen = experts.masked_fill(~kept, -1)
+        if self.dispatch is None:
+            with record_function("moe_experts"):
+                out = self.experts(flat, weights, chosen)
+        else:
+            out = self.dispatch(self.experts, flat, weights, chosen)
         if self.residual_mlp is not None:
             coef = F.linear(flat.float(), self.coefficient.weight.float()).softmax(dim=-1).to(out.dtype)
             out = out * coef[:, :1] + self.residual_mlp(flat) * coef[:, 1:]

@@ -37,16 +37,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def param_groups(models: list[nn.Module], weight_decay: float) -> list[dict]:
     """Decayed matrices and undecayed norms/biases; DTensors and plain tensors in separate groups
     (under plain TP the norms stay plain tensors, and foreach kernels cannot mix the two)."""
-    buckets: dict[tuple[bool, bool], list] = {}
+    buckets: dict[tuple[bool, bool, bool], list] = {}
     for model in models:
         for p in model.parameters():
             if not p.requires_grad:
                 continue
-            buckets.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+            is_dtensor = isinstance(p, DTensor)
+            # expert-parallel experts live on a mesh of their own: a group of their own for foreach kernels
+            expert = is_dtensor and "ep" in (p.device_mesh.mesh_dim_names or ())
+            buckets.setdefault((p.ndim >= 2, is_dtensor, expert), []).append(p)
     groups = []
-    for (decay, is_dtensor), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+    for (decay, is_dtensor, expert), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], *kv[0][1:])):
         groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                       "name": ("decay" if decay else "no_decay") + ("_dtensor" if is_dtensor else "")})
+                       "name": ("decay" if decay else "no_decay") + ("_dtensor" if is_dtensor else "")
+                       + ("_experts" if expert else "")})
     return groups
 
 

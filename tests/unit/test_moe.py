@@ -108,3 +108,47 @@ def test_export_refuses_what_mixtral_cannot_hold(kw, message, tmp_path):
     with pytest.raises(ConversionError, match=message):
         export_model_to_hf(model, tmp_path / "hf", dtype=torch.float32, progress=False)
     assert not list((tmp_path / "hf").glob("*.safetensors"))
+
+
+def _validate(world, *overrides):
+    import tempfile
+    from pathlib import Path
+
+    from internlm.config import load_config, validate
+    from tests.helpers import write_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(write_config(Path(tmp)), list(overrides))
+    validate(cfg, world_size=world)
+    return cfg
+
+
+MOE_KEYS = ("model_type=INTERNLM_MoE", "model.num_experts=4")
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (1, ("model_type=INTERNLM_MoE",), "needs model.num_experts >= 1"),
+    (1, ("model.num_experts=4",), "needs model_type='INTERNLM_MoE'"),
+    (1, (*MOE_KEYS, "moe.top_k=5"), "moe.top_k=5 is larger than model.num_experts=4"),
+    (2, (*MOE_KEYS, "parallel.tensor.size=2"), "parallel.tensor.size=2 with a MoE model is not built yet"),
+    (2, (*MOE_KEYS, "parallel.pipeline.size=2"), "parallel.pipeline.size=2 with a MoE model"),
+    (6, (*MOE_KEYS, "parallel.expert.size=4"), "does not divide the data-parallel size 6"),
+    (6, (*MOE_KEYS, "parallel.expert.size=3"), "model.num_experts=4 is not divisible by the expert-parallel size 3"),
+    (1, (*MOE_KEYS, "moe.noisy_gate_policy='Jitter'"), "routing has no noise here"),
+    (1, (*MOE_KEYS, "parallel.expert_weight.size=2"), "parallel.expert_weight.size"),
+])
+def test_moe_config_errors_name_the_key(world, overrides, message):
+    from internlm.config.checks import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        _validate(world, *overrides)
+
+
+@pytest.mark.parametrize("size, world, ep", [(-1, 8, 4), (0, 2, 2), (2, 8, 2), (1, 8, 1)])
+def test_expert_size_resolves_as_internevo(size, world, ep):
+    from internlm.parallel_dims import ParallelDims
+
+    cfg = _validate(world, *MOE_KEYS, f"parallel.expert.size={size}")
+    dims = ParallelDims.from_config(cfg, world)
+    assert dims.ep == ep  # -1/0: the data-parallel size, capped at the 4 experts
+    assert (f"ep={ep}" in dims.describe()) == (ep > 1)

@@ -1,0 +1,112 @@
+"""Expert parallelism (InternEvo's `parallel.expert.size`), applied from outside the model.
+
+The data-parallel ranks split into groups of `ep` ranks; each rank of a group holds `num_experts / ep`
+of every MoE layer's experts, and the groups replicate one another ("edp", size dp / ep). Each rank
+routes its own tokens (so capacity and drops are those of one process on the same micro-batch), sends
+each routed token to the rank holding its expert with one `all_to_all_single`, runs its local experts
+on what it received, and sends the outputs back with another; autograd runs the same exchanges in
+reverse in backward. Expert weights are DTensors on their own (edp, ep) mesh, sharded over the expert
+dimension: checkpoints hold full tensors (DCP) and load into any other expert-parallel size or one
+process, and the global gradient norm counts each expert once. FSDP leaves them alone
+(`ignored_params`); `reduce_expert_grads` averages their gradients as FSDP averages the others.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.profiler import record_function
+
+from internlm.model.moe import moe_layers
+
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
+
+def expert_mesh(device_type: str, world_size: int, ep: int) -> DeviceMesh:
+    """(edp, ep): rank r is in expert group r // ep at position r % ep (MoE runs without tp and pp, so
+    the ranks are the data-parallel ranks)."""
+    ranks = torch.arange(world_size).reshape(world_size // ep, ep)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("edp", "ep"))
+
+
+class ExpertDispatch:
+    """Replaces a MoE layer's local expert loop: tokens to the experts' ranks and back (see above)."""
+
+    def __init__(self, group, ep: int, num_experts: int):
+        self.group, self.ep = group, ep
+        self.local = num_experts // ep
+        self.first = dist.get_rank(group) * self.local
+
+    def __call__(self, experts: nn.Module, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
+        with record_function("moe_dispatch"):
+            rows, plan = self._send(x, weights, chosen)
+        with record_function("moe_experts"):
+            out = self._local_experts(experts, rows, plan["got_expert"] - self.first)
+        with record_function("moe_combine"):
+            back = all_to_all_single_autograd(out, plan["send"], plan["recv"], self.group)
+            token, w = plan["token"], plan["weight"]
+            return torch.zeros_like(x).index_add(0, token, back * w.unsqueeze(-1).to(back.dtype))
+
+    def _send(self, x, weights, chosen):
+        k = chosen.shape[1]
+        flat_e, flat_w = chosen.reshape(-1), weights.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
+        picked = (flat_e >= 0).nonzero().squeeze(-1)
+        picked = picked[torch.argsort(flat_e[picked], stable=True)]  # by expert, hence by rank
+        expert = flat_e[picked]
+        send = torch.bincount(expert // self.local, minlength=self.ep)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_sizes, recv_sizes = send.tolist(), recv.tolist()
+        got_expert = expert.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(got_expert, expert, recv_sizes, send_sizes, group=self.group)
+        rows = all_to_all_single_autograd(x[token[picked]], recv_sizes, send_sizes, self.group)
+        return rows, dict(got_expert=got_expert, send=send_sizes, recv=recv_sizes, token=token[picked],
+                          weight=flat_w[picked])
+
+    @staticmethod
+    def _local_experts(experts: nn.Module, rows: torch.Tensor, local_id: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = (getattr(experts, n).to_local().to(rows.dtype) for n in EXPERT_WEIGHTS)
+        order = torch.argsort(local_id, stable=True)
+        counts = torch.bincount(local_id, minlength=w1.shape[0]).tolist()
+        parts = []
+        for j, h in enumerate(torch.split(rows[order], counts)):
+            if counts[j]:
+                parts.append(F.linear(F.silu(F.linear(h, w1[j])) * F.linear(h, w3[j]), w2[j]))
+        out = torch.cat(parts) if parts else rows[:0]
+        return out[torch.argsort(order)]  # back to the order the rows arrived in
+
+
+def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh, ep: int) -> list[nn.Parameter]:
+    """Shard every MoE layer's experts over the mesh's "ep" dimension and give the layer the dispatch.
+    Returns the expert parameters (FSDP must ignore them)."""
+    params = []
+    for _, layer in moe_layers(model):
+        for name in EXPERT_WEIGHTS:
+            full = getattr(layer.experts, name)
+            sharded = nn.Parameter(distribute_tensor(full.data, mesh, [Replicate(), Shard(0)], src_data_rank=None))
+            setattr(layer.experts, name, sharded)
+            params.append(sharded)
+        layer.dispatch = ExpertDispatch(mesh["ep"].get_group(), ep, layer.num_experts)
+    return params
+
+
+@torch.no_grad()
+def reduce_expert_grads(model_parts, mesh: DeviceMesh, dp: int) -> None:
+    """Each rank's expert gradients hold what its expert group's tokens contributed; sum them over the
+    groups (edp) and divide by the data-parallel size: the mean over dp that FSDP gives the others."""
+    group = mesh["edp"].get_group() if mesh["edp"].size() > 1 else None
+    for part in model_parts:
+        for _, layer in moe_layers(part):
+            for name in EXPERT_WEIGHTS:
+                grad = getattr(layer.experts, name).grad
+                if grad is None:
+                    continue
+                local = grad.to_local() if isinstance(grad, DTensor) else grad
+                if group is not None:
+                    dist.all_reduce(local, group=group)
+                local.div_(dp)
