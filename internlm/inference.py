@@ -19,6 +19,7 @@ import torch
 from internlm import builders
 from internlm.model.attention import resolve_backend
 from internlm.model.internlm import InternLM, Kernels
+from internlm.perf import resolve_cpu_matmul
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> InternLM:
@@ -38,7 +39,8 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32) -> Intern
         args = builders.model_args(read_ckpt_config(ckpt))
         path = ckpt
         fill = load_ckpt_into_parts
-    kernels = Kernels(attn_backend=resolve_backend("auto", device, dtype=dtype))
+    kernels = Kernels(attn_backend=resolve_backend("auto", device, dtype=dtype),
+                      cpu_fp32_gemm=resolve_cpu_matmul("auto", device, dtype))
     with torch.device("meta"):
         model = InternLM(args, kernels)
     model.to_empty(device=device)

@@ -91,8 +91,8 @@ class ModelConfig:
                             choices=("auto", "flash", "varlen", "sdpa", "sdpa_mask", "sdpa_loop"))
     attn_compute: str = key("auto", "SDPA precision: auto (fp32 on CPU), input, float32",
                             choices=("auto", "input", "float32"))
-    cpu_matmul: str = key("native", "bf16 matmuls on CPU: native, or fp32 GEMMs on bf16-rounded operands",
-                          choices=("native", "fp32"))
+    cpu_matmul: str = key("auto", "bf16 matmuls on CPU: native, fp32 GEMMs on bf16-rounded operands, or "
+                          "auto (fp32 where the CPU has no bf16 GEMM)", choices=("auto", "native", "fp32"))
     apply_post_layer_norm: bool = key(False, "post-norm blocks (not supported: must stay False)",
                                       check=checks.must_be_false("only pre-norm transformers are implemented"))
     embed_split_hidden: bool = key(True, "InternEvo's embedding split", inert="the embedding is split by DTensor "

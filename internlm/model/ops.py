@@ -66,10 +66,13 @@ class _LowpLinearViaFp32(torch.autograd.Function):
         g = grad.to(xb.dtype).float()
         g2 = g.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ wb.float()).to(xb.dtype).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g2.t() @ xb.reshape(-1, xb.shape[-1]).float()).to(xb.dtype).to(w_dtype)
+        # backward runs under the caller's autocast (loss.backward() inside the autocast region):
+        # without this, autocast would turn these fp32 GEMMs back into bf16 ones
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ wb.float()).to(xb.dtype).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (g2.t() @ xb.reshape(-1, xb.shape[-1]).float()).to(xb.dtype).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(xb.dtype).to(b_dtype)
         return grad_x, grad_w, grad_b, None
@@ -77,10 +80,10 @@ class _LowpLinearViaFp32(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names, same TP plans) that can run its bf16/fp16 matmul as an
-    fp32 GEMM on CPU (`fp32_gemm`, set from `model.cpu_matmul="fp32"`), at the same precision, for
-    CPUs whose low-precision GEMM is slower than their fp32 one (AVX512-BF16 without AMX). Off by
-    default: on such a CPU it made single matmuls up to 1.5x faster but whole steps no faster (the
-    operand conversions eat the gain) and used more memory; see doc/train_performance.md."""
+    fp32 GEMM on CPU (`fp32_gemm`, set from `model.cpu_matmul`), at the same precision, for CPUs whose
+    low-precision GEMM is slower than their fp32 one. `auto` turns it on only where oneDNN has no bf16
+    GEMM at all (AVX2-only CPUs, ~30x slower); on AVX512-BF16 without AMX it made single matmuls up to
+    1.5x faster but whole steps no faster and used more memory; see doc/train_performance.md."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fp32_gemm: bool = False, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)

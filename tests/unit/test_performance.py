@@ -83,13 +83,50 @@ def test_fp32_gemm_linear_computes_the_bf16_matmul(bias, x_dtype):
     assert torch.equal(emulated(xf), native(xf))
 
 
+class _GemmDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every GEMM dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fp32_gemm", [False, True])
+def test_fp32_gemm_holds_when_backward_runs_under_autocast(fp32_gemm):
+    # the trainer calls loss.backward() inside its autocast region: autocast must not turn the
+    # backward's fp32 GEMMs back into bf16 ones (they ran 13x slower on an AVX2 CPU)
+    layer = ops.Linear(64, 48, fp32_gemm=fp32_gemm)
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _GemmDtypes() as gemms:
+        layer(x).float().sum().backward()
+    assert len(gemms.seen) == 3  # forward, grad_x, grad_w
+    want = torch.float32 if fp32_gemm else torch.bfloat16
+    assert all(d == want for dtypes in gemms.seen for d in dtypes), gemms.seen
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+
+
 def test_cpu_matmul_resolution():
     assert resolve_cpu_matmul("fp32", torch.device("cpu"), torch.bfloat16)
     assert not resolve_cpu_matmul("fp32", torch.device("cpu"), torch.float32)
     assert not resolve_cpu_matmul("fp32", torch.device("cuda"), torch.bfloat16)
     assert not resolve_cpu_matmul("native", torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="cpu_matmul"):
-        resolve_cpu_matmul("auto", torch.device("cpu"), torch.bfloat16)
+        resolve_cpu_matmul("fast", torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_matmul_auto_follows_the_cpu(monkeypatch, native_bf16):
+    # auto: fp32 GEMMs only where oneDNN has no bf16 kernels (AVX2-only CPUs, where bf16 is ~30x slower)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16, raising=False)
+    assert resolve_cpu_matmul("auto", torch.device("cpu"), torch.bfloat16) is (not native_bf16)
+    assert not resolve_cpu_matmul("auto", torch.device("cpu"), torch.float32)
+    assert not resolve_cpu_matmul("auto", torch.device("cuda"), torch.bfloat16)
+    assert resolve_cpu_matmul("fp32", torch.device("cpu"), torch.bfloat16)
 
 
 # ---- AdamW implementations ------------------------------------------------------------------------
