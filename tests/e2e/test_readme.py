@@ -103,6 +103,9 @@ def test_the_readme_runs_as_written(tmp_path):
             tiny = ["--steps", "1", "--warmup", "0", "--peak-seconds", "0.1", "model.num_layers=1",
                     "data.micro_num=1", "data.micro_bsz=1"]
             assert "| config |" in _python(argv[1:] + tiny, tmp_path)
+        elif argv[:2] == ["python", "tools/plan.py"]:
+            out = _python(argv[1:], tmp_path)
+            assert "memory per rank" in out and "predicted: TGS" in out
         elif program in ("torchrun", "srun"):
             world, rest = _launcher_world(argv)
             assert rest[0] in ("train.py", "python") , command

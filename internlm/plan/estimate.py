@@ -1,0 +1,258 @@
+"""Memory, FLOPs, communication and time of one training step of a layout, per rank.
+
+Parameters, gradients and optimizer states come from `shapes.stage_shapes` (the real parallelized model).
+Activations, traffic and time follow the formulas below, each stated where it is used; doc/plan.md
+explains them and compares the predictions with measured and published runs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from internlm import builders
+from internlm.config import torch_dtype
+from internlm.metrics import active_ffn_width, step_throughput
+from internlm.parallel_dims import ParallelDims
+from internlm.plan.hardware import Hardware
+from internlm.plan.shapes import StageShapes, stage_shapes
+
+GiB = 2**30
+
+
+@dataclass
+class Plan:
+    layout: str
+    fits: bool
+    memory_gib: dict  # the peak rank's breakdown, and "total"
+    peak_stage: int
+    flops_per_token: dict  # "model" (exact, causal, GQA-aware) and "internevo" (Megatron formula)
+    comm_bytes: dict  # bytes each rank sends per step, by mesh dimension and collective
+    time_s: dict  # per-step parts: compute, recompute, exposed comm, bubble, optimizer, "step"
+    tgs: float
+    tflops: float  # InternEvo's formula on the predicted step time
+    mfu: float
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_layout(dims: ParallelDims, cfg) -> str:
+    ck = cfg.model.checkpoint
+    ck = {True: "full", False: "off"}.get(ck, ck)
+    if ck != "off" and cfg.model.checkpoint_policy == "selective":
+        ck = "selective" if ck == "full" else f"selective:{ck}"
+    parts = [f"tp={dims.tp}" + (f"({dims.tp_mode})" if dims.tp > 1 else ""), f"pp={dims.pp}",
+             f"dp={dims.dp}", f"zero1={dims.dp_shard}"]
+    if dims.pp > 1:
+        parts.append(f"pp_mode={dims.pp_mode}" + (f"x{dims.num_chunks}" if dims.num_chunks > 1 else ""))
+    if dims.reshard_after_forward:
+        parts.append("fsdp")
+    if dims.wp > 1:
+        parts.append(f"wp={dims.wp}")
+    if dims.ep > 1:
+        parts.append(f"ep={dims.ep}")
+    parts += [f"ckpt={ck}", f"micro_bsz={cfg.data.micro_bsz}", f"micro_num={cfg.data.micro_num}"]
+    return " ".join(parts)
+
+
+def _ring(nbytes: float, n: int) -> float:
+    """Bytes one rank sends in a ring all-gather or reduce-scatter of `nbytes` in all."""
+    return nbytes * (n - 1) / n if n > 1 else 0.0
+
+
+def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, residual_bytes: int, act_bytes: int):
+    """Bytes a transformer block keeps for backward per token (bf16/fp16 compute, flash-style attention
+    that keeps q, k, v, its output and a row statistic). Counted from the block's ops:
+      norms: the fp32 input copy (4h), the normalised value and the weighted output (2h each): 8h, twice;
+      rotary: q, k and their rotated halves (2h + 2kv each); attention: q, k, v and output (2h+4kv+2h);
+      SwiGLU: w1 out, silu out, w3 out, product (2f each): 8f.
+    Selective checkpointing keeps the matmul and attention outputs (q, k, v, attention, wo, w1, w3, w2:
+    8h + 4kv + 4f at 2 bytes) and the block input; full checkpointing keeps the block input only.
+    Tensor parallelism divides the head and FFN parts; sequence parallelism (msp, isp) divides all."""
+    h, kv, f = args.hidden_size, args.num_kv_attention_heads * args.head_dim, args.intermediate_size
+    b = act_bytes / 2
+    tp, seq_split = dims.tp, (dims.sequence_parallel or dims.isp > 1)
+    if policy == "full":
+        return residual_bytes * h / (tp if seq_split else 1)
+    if policy == "selective":
+        inner = b * (8 * h + 4 * kv + 4 * f) / tp
+        return inner + residual_bytes * h / (tp if seq_split else 1)
+    norms = b * 16 * h / (tp if seq_split else 1)
+    inner = b * (8 * h + 8 * kv + 8 * f) / tp
+    return norms + inner
+
+
+def in_flight(dims: ParallelDims, pp_rank: int, micro_num: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at its peak, in units of the whole rank's
+    layers: 1F1B-style schedules hold pp - rank (first stage most); interleaved ones (v chunks) hold
+    ((pp - rank - 1) * 2 + (v - 1) * pp + 1) chunk-micro-batches of 1/v of the layers; GPipe holds all."""
+    if dims.pp == 1:
+        return 1.0
+    if dims.pp_mode == "gpipe":
+        return float(micro_num)
+    v = dims.num_chunks
+    if v > 1:
+        chunks = min(micro_num * v, (dims.pp - pp_rank - 1) * 2 + (v - 1) * dims.pp + 1)
+        return chunks / v
+    return float(min(micro_num, dims.pp - pp_rank))
+
+
+def bubble_fraction(dims: ParallelDims, micro_num: int) -> float:
+    """Idle time of the schedule over its busy time: (pp-1)/m for GPipe and 1F1B, divided by the chunks
+    when interleaved; the zero-bubble schedules (zbh1, zbv) fill about two thirds of it with weight-
+    gradient work (their papers' figure for equal F, B and W times)."""
+    if dims.pp == 1:
+        return 0.0
+    base = (dims.pp - 1) / (micro_num * max(dims.num_chunks, 1))
+    return base / 3 if dims.pp_mode in ("zbh1", "zbv") else base
+
+
+def _groups_bandwidth(dims: ParallelDims, hw: Hardware, gpus_per_node: int) -> dict:
+    """Bytes/s of a ring over each mesh dimension: NVLink while the group stays inside a node (tp is
+    innermost, then dp_shard, dp_replicate, pp), the network once it spans nodes."""
+    intra, inter = hw.intra_gbps * 1e9 * hw.link_eff, hw.inter_gbps * 1e9 * hw.link_eff
+    span = {"tp": dims.tp, "dp_shard": dims.tp * dims.dp_shard, "dp_replicate": dims.tp * dims.dp,
+            "pp": dims.world_size}
+    return {k: (intra if v <= gpus_per_node else inter) for k, v in span.items()}
+
+
+def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[StageShapes] | None = None) -> Plan:
+    """Predict one step of `cfg` (its layout keys applied) on `gpus` accelerators of kind `hw`."""
+    from internlm.config import validate
+
+    validate(cfg, world_size=gpus)
+    dims = ParallelDims.from_config(cfg, gpus)
+    args = builders.model_args(cfg)
+    shapes = shapes or stage_shapes(cfg, dims)
+    data, m = cfg.data, cfg.model
+    dtype = torch_dtype(m.dtype)
+    act_bytes = 4 if str(dtype) == "torch.float32" else 2
+    tokens = data.micro_bsz * data.seq_len  # packed tokens of one micro-batch
+    micro_num = data.micro_num
+    ck = m.checkpoint
+    frac = 1.0 if ck is True else float(ck or 0.0)
+    policy = m.checkpoint_policy if frac > 0 else "none"
+    residual = act_bytes if dims.fsdp else 4  # autocast keeps the residual stream in fp32
+    h, V = args.hidden_size, args.vocab_size
+    kv = args.num_kv_attention_heads * args.head_dim
+    q = args.num_attention_heads * args.head_dim
+    f = active_ffn_width(args)  # MoE: the width one token goes through
+    layer_weights = 2 * h * q + 2 * h * kv + 3 * h * f
+    notes = []
+    if args.num_experts > 1:
+        notes.append("MoE layers are counted as dense FFNs of the active width in time and activations")
+
+    # ---- memory per pipeline rank -----------------------------------------------------------------
+    per_stage = []
+    for s in shapes:
+        n_layers = s.num_layers
+        n_ck = min(n_layers, round(frac * n_layers)) if frac > 0 else 0
+        a_plain = activation_bytes_per_token_layer(args, dims, "none", residual, act_bytes)
+        a_ck = activation_bytes_per_token_layer(args, dims, policy, residual, act_bytes) if n_ck else 0.0
+        per_mb = tokens * ((n_layers - n_ck) * a_plain + n_ck * a_ck)
+        acts = per_mb * in_flight(dims, s.pp_rank, micro_num)
+        if n_ck and policy == "full":
+            acts += tokens * a_plain  # one block recomputed in backward
+        if s.last:  # logits (kept for the loss backward) and their gradient, sharded over tp
+            acts += 2 * tokens * V * act_bytes / dims.tp
+        mem = {
+            "parameters": 4 * s.stored_numel,  # fp32 master weights
+            "gradients": 4 * s.stored_numel,  # fp32, reduced (and sharded) by FSDP
+            "optimizer_states": 8 * s.stored_numel,  # AdamW exp_avg and exp_avg_sq
+            "compute_weights": 0.0, "gradient_buffers": 0.0,
+            "activations": acts,
+        }
+        if act_bytes == 2:
+            if dims.fsdp and dims.reshard_after_forward:
+                mem["compute_weights"] = 2 * 2 * s.largest_block_numel  # gathered block + prefetched one
+            else:  # FSDP keeps gathered weights from forward to backward; autocast caches its casts
+                mem["compute_weights"] = 2 * s.compute_numel
+        if dims.fsdp:  # a block's unsharded gradient and its fp32 copy for the reduce-scatter
+            mem["gradient_buffers"] = (act_bytes + 4) * s.largest_block_numel
+        mem["total"] = sum(mem.values())
+        per_stage.append(mem)
+    peak_stage = max(range(len(per_stage)), key=lambda i: per_stage[i]["total"])
+    memory = {k: v / GiB for k, v in per_stage[peak_stage].items()}
+
+    # ---- FLOPs ------------------------------------------------------------------------------------
+    keys = (data.seq_len + 1) / 2  # causal attention span per query (samples up to seq_len long)
+    attn_per_token_layer = 3 * 2 * 2 * keys * q
+    global_tokens = tokens * micro_num * dims.dp
+
+    # ---- communication per step (bytes sent by one rank) ----------------------------------------------
+    comm: dict = {}
+    s0 = shapes[peak_stage]
+    if dims.fsdp:
+        gathers = 2 if dims.reshard_after_forward else 1
+        comm["dp_shard/all_gather"] = micro_num * gathers * _ring(act_bytes * s0.compute_numel, dims.dp_shard)
+        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * s0.compute_numel, dims.dp_shard)
+        if dims.dp_replicate > 1:
+            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(4 * s0.stored_numel, dims.dp_replicate)
+    if dims.tensor_parallel > 1:
+        x = tokens * h * act_bytes
+        # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs,
+        # the same bytes); embedding output and head input once each way
+        n = 4 * s0.num_layers + 2 * (s0.first + s0.last)
+        comm["tp/all_reduce" if not dims.sequence_parallel else "tp/all_gather+reduce_scatter"] = \
+            micro_num * n * 2 * _ring(x, dims.tp)
+    if dims.isp > 1:
+        local = tokens / dims.isp
+        # Ulysses: q, k, v to head-parallel and the output back, forward and backward
+        per_layer = 2 * (local * (q + 2 * kv) + local * q) * act_bytes
+        comm["tp/all_to_all"] = micro_num * s0.num_layers * per_layer * (dims.isp - 1) / dims.isp
+    if dims.pp > 1:
+        comm["pp/send_recv"] = micro_num * len(s0.stage_ids) * 2 * tokens * h * act_bytes / (
+            dims.tp if (dims.sequence_parallel or dims.isp > 1) else 1)
+
+    # ---- time -----------------------------------------------------------------------------------------
+    bw = _groups_bandwidth(dims, hw, gpus_per_node)
+    gemm_rate, attn_rate = hw.peak_flops * hw.gemm_eff, hw.peak_flops * hw.attn_eff
+    hbm = hw.hbm_tbps * 1e12 * hw.hbm_eff
+    split = dims.tp  # tp and isp both divide a micro-batch's work over the tp group
+    worst = 0.0
+    parts = {}
+    for s in shapes:
+        n_ck = min(s.num_layers, round(frac * s.num_layers)) if frac > 0 else 0
+        gemm = 6 * tokens * (s.num_layers * layer_weights + (h * V if s.last else 0)) / split
+        attn = tokens * s.num_layers * attn_per_token_layer / split
+        # elementwise traffic of an eager block (norms, rotary, residual adds, SwiGLU, casts), forward
+        # and backward: ~210 bytes per hidden unit and ~30 per FFN unit and token
+        elem = tokens * s.num_layers * (210 * h + 30 * f) / split
+        t_gemm, t_attn, t_elem = gemm / gemm_rate, attn / attn_rate, elem / hbm
+        recompute = 0.0
+        if n_ck and policy == "full":
+            recompute = n_ck / s.num_layers * (t_gemm + t_attn + t_elem) / 3
+        elif n_ck:
+            recompute = n_ck / s.num_layers * t_elem / 3
+        t = t_gemm + t_attn + t_elem
+        if t + recompute > worst:
+            worst = t + recompute
+            parts = {"gemm": t_gemm, "attention": t_attn, "elementwise": t_elem, "recompute": recompute}
+    compute = micro_num * (parts["gemm"] + parts["attention"] + parts["elementwise"])
+    recompute = micro_num * parts["recompute"]
+    busy = compute + recompute
+    exposed = 0.0
+    tp_bytes = sum(v for k, v in comm.items() if k.startswith("tp/"))
+    exposed += tp_bytes / bw["tp"]  # on the critical path: each block waits for its collectives
+    fsdp_time = sum(v / bw[k.split("/")[0]] for k, v in comm.items() if k.startswith("dp_"))
+    if fsdp_time:
+        blocks = max(s0.num_layers, 1)
+        # prefetching overlaps FSDP with compute, except the first gather and the last reduce
+        exposed += max(0.0, fsdp_time - busy) + fsdp_time / blocks
+    pp_time = comm.get("pp/send_recv", 0.0) / bw["pp"]
+    bubble = bubble_fraction(dims, micro_num) * busy
+    optimizer = 40 * s0.stored_numel / hbm  # AdamW reads/writes weights, grads and two states in fp32
+    step = busy + exposed + pp_time + bubble + optimizer
+    time_s = {"compute": compute, "recompute": recompute, "exposed_comm": exposed + pp_time, "bubble": bubble,
+              "optimizer": optimizer, "step": step,
+              "gemm": micro_num * parts["gemm"], "attention": micro_num * parts["attention"],
+              "elementwise": micro_num * parts["elementwise"]}
+    rates = step_throughput(args, m, tokens=global_tokens, step_time_s=step, world_size=gpus, seq_len=data.seq_len,
+                            peak_flops=hw.peak_flops)
+    internevo_fpt = rates["tflops"] * 1e12 * step * gpus / global_tokens
+    # headroom for what is not counted: the CUDA context and kernels' workspaces (~1 GiB) and the
+    # caching allocator's fragmentation (~5% of what it holds)
+    fits = memory["total"] * 1.05 + 1.0 <= hw.memory_gib
+    return Plan(describe_layout(dims, cfg), fits, memory, peak_stage,
+                {"model": rates["model_flops_per_token"], "internevo": internevo_fpt}, comm, time_s,
+                rates["tgs"], rates["tflops"], rates["mfu"], notes)

@@ -1,0 +1,174 @@
+"""tools/plan.py: per-rank shapes read off the real parallelized model, the memory/time model, the
+published figures it is held to, and the CLI's answers to mistakes."""
+import json
+
+import pytest
+import torch
+
+from internlm.config import load_config
+from internlm.model.internlm import InternLM
+from internlm.parallel_dims import ParallelDims
+from internlm.plan import GPUS, plan, stage_shapes
+from internlm.plan.layouts import LayoutError, candidate_layouts, layout_overrides, parse_layout, planned_config
+from tests.helpers import ROOT, run_python, write_config
+
+NO_DATA = ["data.train_folder=None", "data.valid_folder=None"]
+TP_SHARDED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "output")
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(write_config(tmp_path), list(overrides))
+
+
+def _reference_numel(cfg, tp: int, layers=None) -> tuple[int, int]:
+    """(elements of the tp-sharded parameters, of the replicated ones) of a plain model, counted by name."""
+    from internlm import builders
+
+    with torch.device("meta"):
+        model = InternLM(builders.model_args(cfg))
+    sharded = replicated = 0
+    for name, p in model.named_parameters():
+        if layers is not None and name.startswith("layers.") and int(name.split(".")[1]) not in layers:
+            continue
+        if any(f"{k}." in name for k in TP_SHARDED):
+            sharded += p.numel()
+        else:
+            replicated += p.numel()
+    return sharded, replicated
+
+
+@pytest.mark.parametrize("tp,zero1,world", [(1, -1, 4), (2, -1, 8), (2, 1, 4), (2, 2, 8)])
+def test_stage_shapes_follow_the_trainers_sharding(tmp_path, tp, zero1, world):
+    cfg = _tiny(tmp_path, f"parallel.tensor.size={tp}", f"parallel.zero1.size={zero1}")
+    dims = ParallelDims.from_config(cfg, world)
+    (s,) = stage_shapes(cfg, dims)
+    sharded, replicated = _reference_numel(cfg, tp)
+    # a forward uses the tp shard of the split matrices and every replicated parameter whole
+    assert s.compute_numel == sharded // tp + replicated
+    # stored: additionally sharded over zero1's ranks (FSDP pads a dim-0 shard by at most one row)
+    assert s.stored_numel == pytest.approx(s.compute_numel / dims.dp_shard, rel=0.05)
+    assert s.num_layers == 4 and s.first and s.last
+
+
+def test_stage_shapes_split_the_pipeline(tmp_path):
+    cfg = _tiny(tmp_path, "parallel.pipeline.size=2", "model.num_chunks=2")
+    stages = stage_shapes(cfg, ParallelDims.from_config(cfg, 4))
+    assert [s.num_layers for s in stages] == [2, 2]
+    # interleaved: rank 0 holds stages 0 and 2 (the embedding), rank 1 stages 1 and 3 (the head)
+    assert [s.stage_ids for s in stages] == [[0, 2], [1, 3]]
+    assert (stages[0].first, stages[0].last, stages[1].first, stages[1].last) == (True, False, False, True)
+    assert not any("output" in n for n in stages[0].param_names)
+    assert not any("tok_embeddings" in n for n in stages[1].param_names)
+    sharded, replicated = _reference_numel(cfg, 1)
+    assert sum(s.compute_numel for s in stages) == sharded + replicated
+
+
+def test_zero1_shards_what_the_optimizer_holds(tmp_path):
+    one = plan(_tiny(tmp_path, "parallel.zero1.size=1"), 8, GPUS["H100-80GB"])
+    eight = plan(_tiny(tmp_path, "parallel.zero1.size=8"), 8, GPUS["H100-80GB"])
+    for key in ("parameters", "gradients", "optimizer_states"):
+        assert eight.memory_gib[key] == pytest.approx(one.memory_gib[key] / 8, rel=0.05)
+    assert eight.comm_bytes["dp_shard/reduce_scatter"] > 0 and "dp_replicate/all_reduce" not in eight.comm_bytes
+    # activations do not depend on how the weights are sharded
+    assert eight.memory_gib["activations"] == pytest.approx(one.memory_gib["activations"])
+
+
+def test_checkpointing_trades_activation_memory_for_time(tmp_path):
+    base = ["data.seq_len=256", "model.dtype=torch.bfloat16"]
+    off = plan(_tiny(tmp_path, *base), 8, GPUS["A100-80GB"])
+    sel = plan(_tiny(tmp_path, *base, "model.checkpoint=True", "model.checkpoint_policy=selective"), 8,
+               GPUS["A100-80GB"])
+    full = plan(_tiny(tmp_path, *base, "model.checkpoint=True"), 8, GPUS["A100-80GB"])
+    assert full.memory_gib["activations"] < sel.memory_gib["activations"] < off.memory_gib["activations"]
+    assert off.time_s["recompute"] == 0 < sel.time_s["recompute"] < full.time_s["recompute"]
+    assert full.tgs < sel.tgs < off.tgs
+
+
+# ---- against published runs (doc/plan.md) -----------------------------------------------------------
+INTERNEVO_7B = ["parallel.zero1.size=8"]
+
+
+@pytest.mark.parametrize("overrides,published", [
+    ([], 4078),  # InternEvo doc/en/train_performance.md: 8 x A100-80GB, tp=1 zero1=8, micro_bsz 2 x 4
+    (["model.checkpoint=True", "data.micro_bsz=8", "data.micro_num=1"], 3314),  # same, activation checkpointing
+])
+def test_internevo_7b_on_a100_within_20_percent(overrides, published):
+    cfg = load_config(ROOT / "configs/7B_sft.py", NO_DATA + INTERNEVO_7B + overrides)
+    p = plan(cfg, 8, GPUS["A100-80GB"])
+    assert p.fits
+    assert abs(p.tgs / published - 1) < 0.20, (p.tgs, published)
+
+
+def test_internevo_layout_order_on_8_a100():
+    # published: (tp=1, zero1=8) 4078 > (tp=2, zero1=4) 3761 (tp=2 runs micro_bsz 4)
+    tp1 = plan(load_config(ROOT / "configs/7B_sft.py", NO_DATA + INTERNEVO_7B), 8, GPUS["A100-80GB"])
+    tp2 = plan(load_config(ROOT / "configs/7B_sft.py", NO_DATA + ["parallel.tensor.size=2", "parallel.zero1.size=4",
+                                                                  "data.micro_bsz=4"]), 8, GPUS["A100-80GB"])
+    assert tp2.tgs < tp1.tgs
+    assert tp2.tgs / tp1.tgs == pytest.approx(3761 / 4078, abs=0.08)
+
+
+# ---- layouts and the CLI ----------------------------------------------------------------------------
+def test_layout_words_map_to_config_keys():
+    lay = parse_layout("tp=2 pp=2, zero1=8 ckpt=selective micro_bsz=4")
+    assert layout_overrides(lay) == ["parallel.tensor.size=2", "parallel.pipeline.size=2", "parallel.zero1.size=8",
+                                     "data.micro_bsz=4", "model.checkpoint=True", "model.checkpoint_policy=selective"]
+    with pytest.raises(LayoutError, match="did you mean 'zero1'"):
+        parse_layout("zero=8")
+    with pytest.raises(LayoutError, match="ckpt='some'"):
+        layout_overrides({"ckpt": "some"})
+
+
+def test_candidates_keep_the_global_batch(tmp_path):
+    cfg = _tiny(tmp_path)
+    rows = cfg.data.micro_bsz * cfg.data.micro_num * 8
+    cands = candidate_layouts(cfg, 8, 8)
+    assert cands and all(c["micro_bsz"] * c["micro_num"] * 8 // (c["tp"] * c["pp"]) == rows for c in cands)
+    assert {c["tp"] for c in cands} == {1, 2}  # 2 kv heads: tp=4 cannot split them
+
+
+def _plan_cli(*args, cwd=ROOT):
+    return run_python([ROOT / "tools/plan.py", *map(str, args)], cwd=cwd, timeout=240)
+
+
+def test_cli_plans_a_layout_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    r = _plan_cli("--config", "configs/7B_sft.py", "--gpus", 16, "--gpu", "a100-80gb",
+                  "--layout", "tp=2 zero1=8 ckpt=full", "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "tp=2(mtp) pp=1 dp=8 zero1=8 ckpt=full" in r.stdout and "predicted: TGS" in r.stdout
+    data = json.loads(out.read_text())
+    p = data["plans"][0]
+    assert data["gpu"] == "A100-80GB" and p["fits"] is True
+    assert p["memory_gib"]["total"] == pytest.approx(sum(v for k, v in p["memory_gib"].items() if k != "total"))
+    assert p["comm_bytes"]["tp/all_reduce"] > 0 and p["comm_bytes"]["dp_shard/all_gather"] > 0
+
+
+def test_cli_names_the_nearest_layout_that_works():
+    r = _plan_cli("--config", "configs/7B_sft.py", "--gpus", 8, "--layout", "tp=3")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    near = r.stderr.split("nearest layout that works: --layout ")[1].strip().strip('"')
+    near = dict(w.split("=") for w in near.split())
+    # the closest tp that divides the heads; the rest of the config's layout kept
+    assert near["tp"] in ("2", "4") and near["pp"] == "1" and near["ckpt"] == "off"
+    assert int(near["micro_bsz"]) * int(near["micro_num"]) * 8 // int(near["tp"]) == 2 * 4 * 8
+    r = _plan_cli("--config", "configs/7B_sft.py", "--gpus", 8, "--layout", "tpp=2")
+    assert r.returncode == 2 and "did you mean 'tp'" in r.stderr
+
+
+def test_cli_search_ranks_layouts_and_says_when_nothing_fits(tmp_path):
+    cfg = write_config(tmp_path, **{"model": {"dtype": "torch.bfloat16"}})
+    r = _plan_cli("--config", cfg, "--gpus", 4, "--gpu", "H100-80GB", "--search", "--top", 3)
+    assert r.returncode == 0, r.stderr
+    ranked = [float(line.split()[1]) for line in r.stdout.splitlines()[2:5]]
+    assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
+    # 1 GiB: below the headroom every plan keeps for the CUDA context and fragmentation
+    r = _plan_cli("--config", cfg, "--gpus", 2, "--gpu", "A100-80GB", "--memory_gb", 1, "--search")
+    assert r.returncode == 2 and "no layout of this config fits 2 x A100-80GB (1 GiB each)" in r.stderr
+    assert "needs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_planned_config_ignores_missing_data_folders(tmp_path):
+    cfg = planned_config(write_config(tmp_path, data={"train_folder": "/nowhere"}), [], {"tp": "2"})
+    assert cfg.data.train_folder is None and cfg.parallel.tensor.size == 2
