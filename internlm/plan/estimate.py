@@ -6,7 +6,10 @@ explains them and compares the predictions with measured and published runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from internlm import builders
 from internlm.config import torch_dtype
@@ -126,12 +129,15 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     shapes = shapes or stage_shapes(cfg, dims)
     data, m = cfg.data, cfg.model
     dtype = torch_dtype(m.dtype)
-    act_bytes = 4 if str(dtype) == "torch.float32" else 2
+    act_bytes = 4 if dtype == torch.float32 else 2
     tokens = data.micro_bsz * data.seq_len  # packed tokens of one micro-batch
     micro_num = data.micro_num
     ck = m.checkpoint
     frac = 1.0 if ck is True else float(ck or 0.0)
     policy = m.checkpoint_policy if frac > 0 else "none"
+
+    def checkpointed(n_layers: int) -> int:  # as apply_activation_checkpointing counts them
+        return min(n_layers, math.ceil(frac * n_layers - 1e-9)) if frac > 0 else 0
     residual = act_bytes if dims.fsdp else 4  # autocast keeps the residual stream in fp32
     h, V = args.hidden_size, args.vocab_size
     kv = args.num_kv_attention_heads * args.head_dim
@@ -146,7 +152,7 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     per_stage = []
     for s in shapes:
         n_layers = s.num_layers
-        n_ck = min(n_layers, round(frac * n_layers)) if frac > 0 else 0
+        n_ck = checkpointed(n_layers)
         a_plain = activation_bytes_per_token_layer(args, dims, "none", residual, act_bytes)
         a_ck = activation_bytes_per_token_layer(args, dims, policy, residual, act_bytes) if n_ck else 0.0
         per_mb = tokens * ((n_layers - n_ck) * a_plain + n_ck * a_ck)
@@ -212,7 +218,7 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     worst = 0.0
     parts = {}
     for s in shapes:
-        n_ck = min(s.num_layers, round(frac * s.num_layers)) if frac > 0 else 0
+        n_ck = checkpointed(s.num_layers)
         gemm = 6 * tokens * (s.num_layers * layer_weights + (h * V if s.last else 0)) / split
         attn = tokens * s.num_layers * attn_per_token_layer / split
         # elementwise traffic of an eager block (norms, rotary, residual adds, SwiGLU, casts), forward

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from internlm import builders, pipeline
+from internlm.config import torch_dtype
 from internlm.model.internlm import InternLM
 from internlm.parallel_dims import ParallelDims
 from internlm.parallelize import parallelize
@@ -74,7 +75,7 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
     when the layers divide evenly, as many blocks): what --search does to stay fast."""
     args = builders.model_args(cfg)
     kernels = builders.kernels(cfg, torch.device("cpu"))
-    dtype = getattr(torch, str(cfg.model.dtype).replace("torch.", ""))
+    dtype = torch_dtype(cfg.model.dtype)
     num_stages = dims.pp * dims.num_chunks
     out = []
     even = args.num_layers % num_stages == 0
