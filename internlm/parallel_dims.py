@@ -41,6 +41,8 @@ class ParallelDims:
     head: int = 0  # with "isp": 2D sequence parallelism, tp = head x context (0: head = tp, context = 1)
     context: int = 1
     head_first: bool = True  # head-parallel ranks innermost (consecutive)
+    window: int = 1  # InternEvo's double ring: context ranks per inner ring (1 or context: one ring)
+    interleaved: bool = False  # double-ring windows of every other context rank
     reshard_after_forward: bool = False  # parallel.zero1.fsdp: parameters resharded after forward (ZeRO-3)
     num_chunks: int = 1
     pp_mode: str = "1f1b"
@@ -90,6 +92,8 @@ class ParallelDims:
                    num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
                    head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
                    head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from,
+                   window=s2d.window_size if two_d else 1,
+                   interleaved=s2d.device_placement_strategy.interleaved if two_d else False,
                    ep=expert_parallel_size(par.expert.size, dp, cfg.model.num_experts) if cfg.model.num_experts else 1)
 
     @property

@@ -106,10 +106,26 @@ def apply_activation_checkpointing(model: InternLM, setting, policy: str = "full
     count = min(len(blocks), math.ceil(frac * len(blocks) - 1e-9)) if frac > 0 else 0
     for block in blocks[:count]:
         if policy == "selective":
-            checkpoint(block, context_fn=selective_checkpoint_context)
+            _checkpoint_forward(block, selective_checkpoint_context)
         else:
             checkpoint(block)  # composable: parameter names stay unchanged
     return count
+
+
+def _checkpoint_forward(block, context_fn) -> None:
+    """Checkpoint `block.forward` itself rather than the module call (as torchtitan's wrapper does, but
+    keeping parameter names): FSDP's pre-forward hook then stays outside the recomputed region. The
+    composable `checkpoint(block)` recomputes through the module call, so under selective checkpointing
+    FSDP's input cast (a profiler range) ran in the recompute but not in the forward, and SAC's cache
+    refused it: every data-parallel or isp run with the selective policy stopped in its first backward."""
+    from torch.utils.checkpoint import checkpoint as checkpoint_fn
+
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint_fn(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    block.forward = forward
 
 
 def apply_compile(model: InternLM):
@@ -158,7 +174,8 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
 
         if dims.context > 1:
             head_group, context_group = dims.sp_groups(mesh)
-            apply_sequence_parallel(model, head_group, dims.head, context_group, dims.context)
+            apply_sequence_parallel(model, head_group, dims.head, context_group, dims.context,
+                                    window=dims.window, interleaved=dims.interleaved)
         else:
             apply_sequence_parallel(model, mesh["tp"].get_group(), dims.isp)
     experts = None

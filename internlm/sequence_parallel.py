@@ -93,10 +93,11 @@ class UlyssesAttention:
         return heads_to_seq(self.inner(q, k, v, full), self.group, self.size)
 
 
-def apply_sequence_parallel(model, group, size: int, context_group=None, context_size: int = 1) -> None:
+def apply_sequence_parallel(model, group, size: int, context_group=None, context_size: int = 1,
+                            window: int = 1, interleaved: bool = False) -> None:
     """Wrap every attention kernel of `model` (one model part): ring attention over the context group
-    when context_size > 1 (2D sequence parallelism), inside the all-to-alls of the head group when
-    size > 1."""
+    when context_size > 1 (2D sequence parallelism; `window`/`interleaved`: InternEvo's double ring),
+    inside the all-to-alls of the head group when size > 1."""
     from internlm.context_parallel import RingAttention
 
     for block in model.layers.values():
@@ -105,7 +106,7 @@ def apply_sequence_parallel(model, group, size: int, context_group=None, context
             continue
         kernel = attention.attend
         if context_size > 1:
-            kernel = RingAttention(context_group, context_size, zigzag=True)
+            kernel = RingAttention(context_group, context_size, zigzag=True, window=window, interleaved=interleaved)
         if size > 1:
             kernel = UlyssesAttention(kernel, group, size)
         attention.attend = kernel

@@ -279,8 +279,8 @@ class WeightConfig:
 @dataclass(frozen=True, kw_only=True)
 class PlacementConfig:
     head_first: bool = key(True, "head-parallel ranks are consecutive (else the context-parallel ranks are)")
-    interleaved: bool = key(False, "InternEvo's interleaved context ranks for the double ring",
-                            inert="one ring over the context ranks in rank order")
+    interleaved: bool = key(False, "double-ring windows of every other context rank (InternEvo's placement: "
+                                   "outer-ring neighbours are adjacent ranks)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,8 +289,9 @@ class Sequence2DConfig:
     head_size: int = key(1, "head parallelism: all-to-all around attention (isp's Ulysses exchange)", ge=1)
     context_size: int = key(1, "context parallelism: ring attention over the context ranks' key/value blocks, "
                                "zigzag slices", ge=1)
-    window_size: int = key(1, "InternEvo's double-ring window", ge=1,
-                           inert="one ring over all context ranks (no inner/outer window rings)")
+    window_size: int = key(1, "InternEvo's double ring: context ranks per window; key/value blocks go round "
+                              "each window's inner ring, then on to the next window (1 or context_size: "
+                              "one ring)", ge=1)
     device_placement_strategy: PlacementConfig = section(PlacementConfig, "rank placement of the 2D groups")
 
 

@@ -66,15 +66,20 @@ def validate(cfg, world_size: int | None = None) -> None:
         if tp % wp and wp % tp:
             raise ConfigError(f"parallel.weight.size={wp} must divide parallel.tensor.size={tp} or be a multiple of it "
                               f"(weight parallelism shards weights within the isp group, and beyond it over zero1).")
-        if model.checkpoint and model.checkpoint_policy == "selective":
-            raise ConfigError("model.checkpoint_policy='selective' does not work with parallel.tensor.mode='isp' yet "
-                              "(its all-to-alls run inside the recomputed region): use model.checkpoint_policy='full'.")
         s2d = par.sequence_2D
         if s2d.enable:
             heads_, ctx = s2d.head_size, s2d.context_size
             if heads_ * ctx != tp:
                 raise ConfigError(f"parallel.sequence_2D: head_size({heads_}) * context_size({ctx}) = {heads_ * ctx} "
                                   f"must equal parallel.tensor.size={tp}.")
+            win = s2d.window_size
+            if ctx % win:
+                raise ConfigError(f"parallel.sequence_2D.window_size={win} must divide context_size={ctx} (the "
+                                  f"double ring's windows split the context ranks).")
+            if s2d.device_placement_strategy.interleaved and 1 < win < ctx and ctx % (2 * win):
+                raise ConfigError(f"parallel.sequence_2D.device_placement_strategy.interleaved=True takes every other "
+                                  f"context rank into windows of window_size={win}: make context_size={ctx} a "
+                                  f"multiple of {2 * win}, or set interleaved=False.")
             if ctx > 1 and tokens % (2 * tp):
                 raise ConfigError(f"parallel.sequence_2D.context_size={ctx} cuts each micro-batch's {tokens} tokens "
                                   f"into 2 x {ctx} zigzag chunks, each split over head_size={heads_}: make "

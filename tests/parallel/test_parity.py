@@ -50,6 +50,7 @@ INTERNLM1 = ("model_type='INTERNLM'", "model.num_kv_attention_heads=4")  # MHA w
 INTERNLM3 = ("model_type='INTERNLM3'", "model.head_dim=32")  # head_dim * heads (128) != hidden (64)
 KV4 = ("model.num_kv_attention_heads=4",)  # isp4 splits the key/value heads too
 ISP2 = ("parallel.tensor.size=2", "parallel.tensor.mode='isp'")
+SELECTIVE = ("model.checkpoint=True", "model.checkpoint_policy='selective'")
 ISP4 = ("parallel.tensor.size=4", "parallel.tensor.mode='isp'")
 # InternEvo's MoE: 4 experts, top-2 GShard routing with capacity factor 1 (tokens are dropped), and a
 # dropless top-1 residual MoE; the load-balancing loss is in the gradients compared
@@ -84,7 +85,13 @@ LAYOUTS = [
     # InternEvo's 2D sequence parallelism: head parallel (all-to-all) x context parallel (ring attention, zigzag)
     Layout("isp4_head2_context2", 4, 1, ISP4 + S2D(2, 2)),
     Layout("isp4_context4_zigzag", 4, 1, ISP4 + S2D(1, 4)),
+    Layout("isp4_context4_double_ring_interleaved", 4, 1,
+           (*ISP4, *S2D(1, 4), "parallel.sequence_2D.window_size=2",
+            "parallel.sequence_2D.device_placement_strategy.interleaved=True")),
     Layout("isp2_context2_checkpoint", 2, 1, (*ISP2, *S2D(1, 2), "model.checkpoint=True")),
+    # selective checkpointing under FSDP (dp) and isp: FSDP's hooks stay outside the recomputed region
+    Layout("dp2_fsdp_selective_checkpoint", 2, 2, ("parallel.zero1.fsdp=True", *SELECTIVE)),
+    Layout("isp2_selective_checkpoint", 2, 1, (*ISP2, *SELECTIVE)),
     Layout("isp4_head2_context2_context_first", 4, 1,
            (*ISP4, *S2D(2, 2), "parallel.sequence_2D.device_placement_strategy.head_first=False")),
     # Mixture of Experts (experts replicated, sharded by zero1 / FSDP like every weight)

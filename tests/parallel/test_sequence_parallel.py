@@ -58,8 +58,9 @@ RING = textwrap.dedent("""
     import torch, torch.distributed as dist
     import internlm.context_parallel as cp
     from internlm.context_parallel import RingAttention, context_indices
-    cp.Q_CHUNK = cp.Q_CHUNK_FLASH = 5  # several query blocks per key/value block, the last one short
+    cp.Q_CHUNK = cp.Q_CHUNK_FLASH = 5  # several query chunks per segment, the last one short
     cp.USE_CPU_FLASH = sys.argv[2] == "flash"  # PyTorch's CPU flash kernel, or the matmul path
+    window, interleaved = int(sys.argv[3]), sys.argv[4] == "1"  # InternEvo's double ring
     from internlm.model.attention import packed_attention, plan_attention
     from internlm.sequence_parallel import UlyssesAttention
 
@@ -92,7 +93,7 @@ RING = textwrap.dedent("""
         idx = idx.view(heads, -1)[h_idx]  # then contiguous pieces of the context chunk over the head ranks
         take = lambda t: t[:, idx]
         mine = [take(t).detach().clone().requires_grad_() for t in full]
-        kernel = RingAttention(groups["context"], C, zigzag)
+        kernel = RingAttention(groups["context"], C, zigzag, window, interleaved)
         if heads > 1:
             kernel = UlyssesAttention(kernel, groups["head"], heads)
         got = kernel(*mine, plan_attention(take(pos), "sdpa_loop"))
@@ -108,13 +109,16 @@ RING = textwrap.dedent("""
 
 def test_ring_attention_and_head_x_context_equal_whole_sequence_attention(tmp_path):
     """Context parallelism (ring attention, contiguous and zigzag slices; blocks by PyTorch's CPU flash
-    kernel or by matmuls) and 2D head x context parallelism give each rank exactly its tokens' attention
-    output and q/k/v gradients."""
+    kernel or by matmuls; InternEvo's double ring with plain and interleaved windows) and 2D head x
+    context parallelism give each rank exactly its tokens' attention output and q/k/v gradients."""
     script = tmp_path / "ring.py"
     script.write_text(RING)
-    for nproc, heads, kernel in ((2, 1, "matmul"), (2, 1, "flash"), (4, 1, "flash"), (4, 2, "matmul")):
-        result = launcher.start_script(nproc, script, [str(heads), kernel],
-                                       tmp_path / f"run{nproc}_{heads}_{kernel}").wait(timeout=120)
+    runs = ((2, 1, "matmul", 1, 0), (2, 1, "flash", 1, 0), (4, 1, "flash", 1, 0), (4, 2, "matmul", 1, 0),
+            (4, 1, "flash", 2, 0), (4, 1, "matmul", 2, 1))
+    for nproc, heads, kernel, window, interleaved in runs:
+        result = launcher.start_script(nproc, script, [str(heads), kernel, str(window), str(interleaved)],
+                                       tmp_path / f"run{nproc}_{heads}_{kernel}_{window}{interleaved}"
+                                       ).wait(timeout=120)
         assert result.returncode == 0, result.tail()
         found = re.findall(r"RESULT (\{[^}]*\})", result.stdout)
         assert len(found) == nproc, result.stdout

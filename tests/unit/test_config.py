@@ -224,9 +224,8 @@ def test_isp_and_weight_parallel_rules():
     msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=3, mode="isp")), data=dict(seq_len=32),
                                           model=dict(num_attention_heads=3, hidden_size=48)))
     assert "splits each micro-batch's 32 tokens (data.micro_bsz * data.seq_len) over parallel.tensor.size=3" in msg
-    msg = error_of(config_from_dict, tiny(parallel=dict(tensor=dict(size=2, mode="isp")),
-                                          model=dict(checkpoint=True, checkpoint_policy="selective")))
-    assert "use model.checkpoint_policy='full'" in msg
+    config_from_dict(tiny(parallel=dict(tensor=dict(size=2, mode="isp")),  # (parity: tests/parallel)
+                          model=dict(checkpoint=True, checkpoint_policy="selective")))
     # isp does not split the vocabulary: any vocab_size
     config_from_dict(tiny(parallel=dict(tensor=dict(size=2, mode="isp")), model=dict(vocab_size=127)))
 
@@ -546,7 +545,26 @@ def test_internevo_isp_and_2d_parallel_sections():
     dims = ParallelDims.from_config(cfg, 8)
     assert (dims.head, dims.context, dims.head_first) == (2, 2, False)
     assert [dims.sp_coords(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert "window_size" in " ".join(cfg.inert_keys)
+    assert (dims.window, dims.interleaved) == (1, False)
+    cfg = config_from_dict(tiny(parallel=dict(two_d, tensor=dict(size=8, mode="isp"), sequence_2D=dict(
+        enable=True, head_size=1, context_size=8, window_size=2, device_placement_strategy=dict(interleaved=True)))))
+    validate(cfg, world_size=8)
+    dims = ParallelDims.from_config(cfg, 8)
+    assert (dims.context, dims.window, dims.interleaved) == (8, 2, True)
+    assert not [k for k in cfg.inert_keys if "sequence_2D" in k]
+    from internlm.context_parallel import ring_windows
+    assert ring_windows(8, 2, True) == [[0, 2], [1, 3], [4, 6], [5, 7]]  # InternEvo's placement
+    assert ring_windows(8, 2, False) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ring_windows(8, 8, True) == [list(range(8))]  # one window: the single ring
+    s2d = dict(enable=True, head_size=1, context_size=4, window_size=3)
+    msg = error_of(config_from_dict, tiny(parallel=dict(two_d, sequence_2D=s2d)))
+    assert "window_size=3 must divide context_size=4" in msg
+    s2d = dict(s2d, context_size=6, window_size=2, device_placement_strategy=dict(interleaved=True))
+    msg = error_of(config_from_dict, tiny(parallel=dict(two_d, tensor=dict(size=6, mode="isp"), sequence_2D=s2d,
+                                                        weight=dict(size=1)),
+                                     model=dict(num_attention_heads=6, num_kv_attention_heads=6, hidden_size=96),
+                                     data=dict(seq_len=96)))
+    assert "interleaved=True" in msg and "context_size=6 a multiple of 4" in msg
     msg = error_of(config_from_dict, tiny(parallel=dict(two_d, sequence_2D=dict(enable=True, head_size=2,
                                                                                    context_size=4))))
     assert "head_size(2) * context_size(4) = 8 must equal parallel.tensor.size=4" in msg
