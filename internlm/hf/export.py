@@ -58,7 +58,10 @@ def export_source_to_hf(source, args: ModelArgs, out_dir, target: str | None = N
     entries, producers = [], {}
 
     def read(name):
-        return source.full_tensor(name, expected[name])
+        full = source.full_tensor(name, expected[name])
+        if name == "output.weight" and args.norm_head:  # the head multiplies by its normalised rows
+            full = torch.nn.functional.normalize(full.float(), dim=-1)
+        return full
 
     for name in sorted(expected, key=layer_sort_key):
         if ".feed_forward." in name and args.num_experts:

@@ -280,7 +280,7 @@ def training_config_from_args(args: ModelArgs, dtype: str = "torch.bfloat16", jo
 
 _STRUCTURAL = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads",
                "head_dim", "intermediate_size", "qkv_bias", "o_bias", "tie_word_embeddings")
-_NUMERICAL = ("norm_eps", "rope_base", "rope_scaling", "max_position_embeddings")
+_NUMERICAL = ("norm_eps", "rope_base", "rope_scaling", "max_position_embeddings", "norm_head")
 
 
 def check_args_match(ours: ModelArgs, theirs: ModelArgs, where: str) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from internlm.model.attention import AttentionPlan, packed_attention, plan_attention
 from internlm.model.moe import MoEFeedForward
-from internlm.model.ops import Linear, RMSNorm, apply_rope, rope_cos_sin
+from internlm.model.ops import Linear, NormHead, RMSNorm, apply_rope, rope_cos_sin
 from internlm.model.shape import default_head_dim, swiglu_hidden_dim
 
 
@@ -51,6 +51,7 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     tie_word_embeddings: bool = False
+    norm_head: bool = False  # InternEvo's: logits against the L2-normalised rows of the output matrix
     init_std: float = 0.02
     model_type: str = "INTERNLM2_PUBLIC"
     # Mixture of Experts (model_type INTERNLM_MoE; 0 experts: dense), moe.py
@@ -145,7 +146,8 @@ class InternLM(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, kernels) for i in range(args.num_layers)})
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.output = Linear(args.hidden_size, args.vocab_size, bias=False, fp32_gemm=kernels.cpu_fp32_gemm)
+        head = NormHead if args.norm_head else Linear
+        self.output = head(args.hidden_size, args.vocab_size, bias=False, fp32_gemm=kernels.cpu_fp32_gemm)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

@@ -90,13 +90,26 @@ class Linear(nn.Linear):
         self.fp32_gemm = fp32_gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.weight)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.fp32_gemm and x.device.type == "cpu" and type(x) is torch.Tensor \
-                and type(self.weight) in (torch.Tensor, nn.Parameter):
+                and type(weight) in (torch.Tensor, nn.Parameter):
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
             if dtype in (torch.bfloat16, torch.float16):
                 with torch.autocast("cpu", enabled=False):
-                    return _LowpLinearViaFp32.apply(x, self.weight, self.bias, dtype)
-        return super().forward(x)
+                    return _LowpLinearViaFp32.apply(x, weight, self.bias, dtype)
+        return F.linear(x, weight, self.bias)
+
+
+class NormHead(Linear):
+    """InternEvo's `model.norm_head` (after Baichuan 2): the output layer multiplies by the rows of its
+    matrix divided by their L2 norm, so a token's logit does not grow with the norm of its row. The
+    parameter is the raw matrix (same name and shape); a vocabulary-sharded row is whole on its rank, so
+    tensor parallelism needs nothing more. Exported to Hugging Face as the normalised matrix."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, F.normalize(self.weight, dim=-1))
 
 
 def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:

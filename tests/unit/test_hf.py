@@ -80,6 +80,8 @@ CASES = {
     "internlm3_as_llama": ("INTERNLM3", dict(num_kv_attention_heads=2, head_dim=32), "llama"),
     "llama2": ("LLAMA2", dict(num_kv_attention_heads=1, rope_base=500000.0, layer_norm_epsilon=1e-6), "llama"),
     "tied": ("LLAMA2", dict(num_kv_attention_heads=2, tie_word_embeddings=True), "llama"),
+    # InternEvo's norm_head: exported as the normalised output matrix
+    "norm_head": ("INTERNLM2_PUBLIC", dict(num_kv_attention_heads=2, norm_head=True), "llama"),
     "dynamic_rope": ("INTERNLM3", dict(num_kv_attention_heads=2, head_dim=16, max_position_embeddings=16,
                                        rope_scaling=dict(type="dynamic", factor=4.0)), "internlm3"),
 }

@@ -174,6 +174,36 @@ def test_tied_embeddings_share_storage():
     assert model.output.weight is model.tok_embeddings.weight
 
 
+def test_norm_head_uses_normalised_rows():
+    """model.norm_head: logits against the unit-norm rows of the output matrix, so scaling a row
+    leaves them unchanged; the gradient reaches the raw parameter (same name and shape)."""
+    plain, normed = build(tiny()), build(tiny(norm_head=True))
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in normed.named_parameters()]
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    hidden = normed.norm(plain_hidden(normed, ids))
+    expected = hidden @ F.normalize(normed.output.weight, dim=-1).T
+    logits = normed(ids)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert not torch.allclose(logits, hidden @ normed.output.weight.T, atol=1e-3)
+    with torch.no_grad():
+        normed.output.weight[5].mul_(7.0)
+    assert torch.allclose(normed(ids), logits, atol=1e-5)
+    normed(ids).sum().backward()
+    assert normed.output.weight.grad is not None and normed.output.weight.grad.abs().sum() > 0
+
+
+def plain_hidden(model, ids):
+    """The last block's output (before the final norm and the head)."""
+    h = model.tok_embeddings(ids)
+    pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    cos, sin = rope_cos_sin(pos, model.args.head_dim, model.args.rope_base, model.args.rope_scaling,
+                            model.args.max_position_embeddings)
+    plan = plan_attention(pos, model.kernels.attn_backend, model.kernels.attn_upcast)
+    for block in model.layers.values():
+        h = block(h, cos, sin, plan)
+    return h
+
+
 def test_init_is_deterministic_and_name_dependent():
     a, b, c = build(tiny(), seed=5), build(tiny(), seed=5), build(tiny(), seed=6)
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
