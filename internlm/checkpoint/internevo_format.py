@@ -23,9 +23,17 @@ Hugging Face's InternLM2 too). InternLM v1's Wqkv is read per rank as (three, he
 Pipeline stages number their layers from 0 (`layers.0` of stage 1 is the first layer after the last one of
 stage 0); the stages are put end to end. A `model.` prefix (a wrapper's) is dropped.
 
-Not read (one-line errors): isp folders (`model_tp{t}_wp{w}_pp{p}.pt`), fsdp ones (`..._dp{d}.pt`),
-interleaved pipelines (num_chunks > 1), and InternLM2 checkpoints trained with adapt_hf=False when the
-folder's model_config.pt says so. Every file is read with torch.load(weights_only=True).
+isp folders (tensor mode "isp", `model_tp{t}_wp{w}_pp{p}.pt`, save_model_checkpoint's isp branch): every
+linear layer of the blocks is an ISPLinear, split along dim 0 (its output features, bias included) over
+the weight-parallel ranks w, whatever it is in mtp (wo and w2 too), and whole across the sequence-parallel
+ranks t; the embedding (dim 1) and the head (dim 0) are split over t as in mtp, and norms are whole.
+So a block tensor is the concatenation over w (of any t that has them all), a top-level one over t (of
+any w). InternLM v1's Wqkv, split by plain rows, concatenates to the full (3, heads, head_dim) matrix.
+Only the pairs (t, w) InternEvo saved need to be there.
+
+Not read (one-line errors): fsdp folders (`..._dp{d}.pt`), interleaved pipelines (num_chunks > 1), and
+InternLM2 checkpoints trained with adapt_hf=False when the folder's model_config.pt says so. Every file is
+read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -79,31 +87,49 @@ def _load(path: Path, what: str = "a dict of tensors"):
     return obj
 
 
-def model_files(folder: Path) -> dict[tuple[int, int], Path]:
-    """(tp rank, pp rank) -> model_tp{t}_pp{p}.pt, checked to be a full tp x pp grid."""
+def model_files(folder: Path) -> tuple[dict[tuple[int, int, int], Path], bool]:
+    """((tp rank, wp rank, pp rank) -> model file, whether the folder is isp's): mtp folders checked to be
+    a full tp x pp grid, isp ones to cover every tp and every wp rank of each stage."""
     if not folder.is_dir():
         raise CheckpointError(f"InternEvo checkpoint folder {folder} does not exist.")
-    found = {}
+    found, kinds = {}, set()
     for f in sorted(folder.iterdir()):
         m = MODEL_FILE_RE.match(f.name)
         if not m:
             continue
-        if m.group(2) or m.group(4):
-            kind = "isp (model_tp*_wp*_pp*.pt)" if m.group(2) else "fsdp (model_tp*_pp*_dp*.pt)"
-            raise CheckpointError(f"{f} is an InternEvo {kind} model file; only folders of model_tp{{t}}_pp{{p}}.pt "
-                                  f"files can be loaded so far.")
-        found[(int(m.group(1)), int(m.group(3)))] = f
+        if m.group(4):
+            raise CheckpointError(f"{f} is an InternEvo fsdp (model_tp*_pp*_dp*.pt) model file; only folders of "
+                                  f"model_tp{{t}}_pp{{p}}.pt or model_tp{{t}}_wp{{w}}_pp{{p}}.pt files can be loaded "
+                                  f"so far.")
+        kinds.add(bool(m.group(2)))
+        w = int(m.group(2)[3:]) if m.group(2) else 0
+        found[(int(m.group(1)), w, int(m.group(3)))] = f
     if not found:
         raise CheckpointError(f"{folder} holds no model_tp{{t}}_pp{{p}}.pt file: it is neither one of our "
                               f"checkpoints ({MARKER}, {META}, {DCP_METADATA}) nor an InternEvo checkpoint folder.")
-    tp = max(t for t, _ in found) + 1
-    pp = max(p for _, p in found) + 1
+    if len(kinds) > 1:
+        raise CheckpointError(f"{folder} mixes model_tp*_pp*.pt and isp model_tp*_wp*_pp*.pt files: two "
+                              f"checkpoints in one folder.")
+    isp = kinds.pop()
+    tp = max(t for t, _, _ in found) + 1
+    wp = max(w for _, w, _ in found) + 1
+    pp = max(p for _, _, p in found) + 1
     for p in range(pp):
-        for t in range(tp):
-            if (t, p) not in found:
-                raise CheckpointError(f"{folder / f'model_tp{t}_pp{p}.pt'} is missing (the folder has files up to "
-                                      f"tp rank {tp - 1} and pp rank {pp - 1}).")
-    return found
+        if not isp:
+            for t in range(tp):
+                if (t, 0, p) not in found:
+                    raise CheckpointError(f"{folder / f'model_tp{t}_pp{p}.pt'} is missing (the folder has files up "
+                                          f"to tp rank {tp - 1} and pp rank {pp - 1}).")
+            continue
+        have = [(t, w) for t, w, q in found if q == p]
+        for rank, size, what in ((0, tp, "tp"), (1, wp, "wp")):
+            for r in range(size):
+                if not any(pair[rank] == r for pair in have):
+                    name = f"model_tp{r}_wp0_pp{p}.pt" if what == "tp" else f"model_tp0_wp{r}_pp{p}.pt"
+                    raise CheckpointError(f"{folder / name} is missing: no file of pipeline stage {p} holds {what} "
+                                          f"rank {r} (the folder has files up to tp rank {tp - 1}, wp rank "
+                                          f"{wp - 1} and pp rank {pp - 1}).")
+    return found, isp
 
 
 class InternEvoSource:
@@ -116,17 +142,18 @@ class InternEvoSource:
         if args.model_type not in ("INTERNLM", "INTERNLM2_PUBLIC"):
             raise CheckpointError(f"ckpt_type='internevo' reads InternEvo folders of model_type INTERNLM2_PUBLIC or "
                                   f"INTERNLM; this run's model_type is {args.model_type}.")
-        files = model_files(self.folder)
-        self.tp = max(t for t, _ in files) + 1
-        self.pp = max(p for _, p in files) + 1
+        files, self.isp = model_files(self.folder)
+        self.tp = max(t for t, _, _ in files) + 1
+        self.wp = max(w for _, w, _ in files) + 1
+        self.pp = max(p for _, _, p in files) + 1
         self._check_model_config()
-        # their global name -> (the file of each tp rank, the tensor of each tp rank)
-        self.pieces: dict[str, tuple[list[Path], list[torch.Tensor]]] = {}
+        # their global name -> {(tp rank, wp rank): (file, tensor)}
+        self.pieces: dict[str, dict[tuple[int, int], tuple[Path, torch.Tensor]]] = {}
         offset = 0
         for p in range(self.pp):
-            stage = [(files[(t, p)], _load(files[(t, p)])) for t in range(self.tp)]
+            stage = [((t, w), path, _load(path)) for (t, w, q), path in sorted(files.items()) if q == p]
             local_layers = set()
-            for t, (path, sd) in enumerate(stage):
+            for tw, path, sd in stage:
                 for key, tensor in sd.items():
                     name = key[len("model."):] if key.startswith("model.") else key
                     if name.endswith(_IGNORED):
@@ -138,8 +165,7 @@ class InternEvoSource:
                     if m:
                         local_layers.add(int(m.group(2)))
                         name = f"{m.group(1)}.{int(m.group(2)) + offset}.{m.group(3)}"
-                    entry = self.pieces.setdefault(name, ([None] * self.tp, [None] * self.tp))
-                    entry[0][t], entry[1][t] = path, tensor
+                    self.pieces.setdefault(name, {})[tw] = (path, tensor)
             offset += max(local_layers) + 1 if local_layers else 0
         self._fused: tuple[str, dict] | None = None
 
@@ -153,20 +179,34 @@ class InternEvoSource:
                                   f"so far; convert it with InternEvo's convert2hf_internlm2.py and load that with "
                                   f"ckpt_type='hf'.")
 
-    def _merged(self, name: str, dim: int | None) -> tuple[torch.Tensor, str]:
-        """The full tensor of their `name` (global layer index): shards concatenated along `dim`
-        (None: whole on every rank, rank 0's taken)."""
+    def _shards(self, name: str) -> tuple[list[Path], list[torch.Tensor], str]:
+        """The pieces of their `name` (global layer index) in concatenation order: one per tp rank, or, for
+        an isp block tensor, one per wp rank (a shard depends on that rank only: any file of it will do,
+        the first is taken). Also which ranks."""
         entry = self.pieces.get(name)
         if entry is None:
             raise CheckpointError(f"tensor {name!r} is missing from the InternEvo checkpoint {self.folder} "
                                   f"(layers counted across pipeline stages).")
-        paths, tensors = entry
-        for t, tensor in enumerate(tensors):
-            if tensor is None:
-                present = next(pth for pth in paths if pth is not None)
-                raise CheckpointError(f"tensor {name!r} is in {present.name} but missing from its tp rank {t} file "
-                                      f"of the InternEvo checkpoint {self.folder}.")
-        if dim is None or self.tp == 1:
+        by_wp = self.isp and _LAYER_RE.match(name) is not None
+        what = "wp" if by_wp else "tp"
+        got = []
+        for r in range(self.wp if by_wp else self.tp):
+            found = [entry[tw] for tw in sorted(entry) if tw[1 if by_wp else 0] == r]
+            if not found:
+                present = entry[min(entry)][0]
+                raise CheckpointError(f"tensor {name!r} is in {present.name} but missing from the {what} rank {r} "
+                                      f"files of the InternEvo checkpoint {self.folder}.")
+            got.append(found[0])
+        return [g[0] for g in got], [g[1] for g in got], what
+
+    def _merged(self, name: str, dim: int | None) -> tuple[torch.Tensor, str]:
+        """The full tensor of their `name` (global layer index): shards concatenated along `dim`
+        (None: whole on every rank, the first taken). In an isp folder a block tensor is split along dim 0
+        over the wp ranks (norms whole), whatever `dim` says for tp."""
+        paths, tensors, what = self._shards(name)
+        if what == "wp":
+            dim = None if "norm" in name.rsplit(".", 2)[-2] else 0
+        if dim is None or len(tensors) == 1:
             return tensors[0], paths[0].name
         if any(t.dim() <= dim for t in tensors):
             raise CheckpointError(f"tensor {name!r} in {paths[0]} has shape {tuple(tensors[0].shape)}; it cannot be "
@@ -178,8 +218,10 @@ class InternEvoSource:
         kv, hd = a.num_kv_attention_heads, a.head_dim
         if self.v1:
             name = f"blocks.{layer}.mixer.Wqkv.{kind}"
-            self._merged(name, None)  # raises naming the tensor or the tp file that lacks it
-            parts = [t.reshape(3, -1, *t.shape[1:]) for t in self.pieces[name][1]]
+            if self.isp:  # plain rows over wp: the shards concatenate to the full (3, heads, head_dim) matrix
+                q, k, v = self._merged(name, 0)[0].reshape(3, -1, *self._shards(name)[1][0].shape[1:])
+                return {"wq": q, "wk": k, "wv": v, "_name": name}
+            parts = [t.reshape(3, -1, *t.shape[1:]) for t in self._shards(name)[1]]
             q, k, v = (torch.cat([p[i] for p in parts], dim=0) for i in range(3))
             return {"wq": q, "wk": k, "wv": v, "_name": name}
         name = f"layers.{layer}.attention.wqkv.{kind}"
@@ -187,9 +229,10 @@ class InternEvoSource:
         group = a.num_attention_heads // kv
         expected = (group + 2) * kv * hd
         if fused.shape[0] != expected:
-            raise CheckpointError(f"tensor {name!r} of {self.folder} has {fused.shape[0]} rows merged from {self.tp} "
-                                  f"tp shard(s); the model expects {expected} ({kv} kv groups x ({group} q + 1 k + "
-                                  f"1 v) x {hd}).")
+            _, shards, what = self._shards(name)
+            raise CheckpointError(f"tensor {name!r} of {self.folder} has {fused.shape[0]} rows merged from "
+                                  f"{len(shards)} {what} shard(s); the model expects {expected} ({kv} kv groups x "
+                                  f"({group} q + 1 k + 1 v) x {hd}).")
         grouped = fused.reshape(kv, group + 2, hd, *fused.shape[1:])
         rest = fused.shape[1:]
         return {"wq": grouped[:, :group].reshape(-1, *rest), "wk": grouped[:, group].reshape(-1, *rest),
@@ -226,8 +269,9 @@ class InternEvoSource:
             dim = 0 if suffix in _DIM0 else 1 if suffix in _DIM1 else None
             full, _ = self._merged(theirs, dim)
         if tuple(full.shape) != tuple(shape):
+            n, what = len(self._shards(theirs)[1]), self._shards(theirs)[2]
             raise CheckpointError(f"tensor {theirs!r} of {self.folder} has shape {tuple(full.shape)} merged from "
-                                  f"{self.tp} tp shard(s); our {name!r} has shape {tuple(shape)}.")
+                                  f"{n} {what} shard(s); our {name!r} has shape {tuple(shape)}.")
         return full
 
 
@@ -244,5 +288,6 @@ def load_internevo_into_parts(model_parts, folder) -> list[str]:
     for name, param in unique_parameters(model_parts):
         copy_full_into(param, source.full_tensor(name, param.shape))
         filled.append(name)
-    logger.info(f"read InternEvo checkpoint {folder} (tp={source.tp}, pp={source.pp})")
+    wp = f", isp with wp={source.wp}" if source.isp else ""
+    logger.info(f"read InternEvo checkpoint {folder} (tp={source.tp}{wp}, pp={source.pp})")
     return filled

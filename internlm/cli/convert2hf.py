@@ -4,7 +4,9 @@
         [--dtype bfloat16] [--max_shard 10GB] [--model_type internlm3|llama|mixtral]
 
 CKPT_DIR is a checkpoint step folder (DCP files + config.yaml) or a checkpoint root (its newest step
-is taken). OUT_DIR receives model-0000x-of-0000N.safetensors, model.safetensors.index.json,
+is taken), or an InternEvo checkpoint folder (model_tp*_pp*.pt or isp model_tp*_wp*_pp*.pt files), whose
+model shape comes from the InternEvo training config given with --config FILE [KEY=VALUE ...].
+OUT_DIR receives model-0000x-of-0000N.safetensors, model.safetensors.index.json,
 config.json, generation_config.json and, with a tokenizer, tokenizer.model, tokenizer.json,
 tokenizer_config.json and special_tokens_map.json; `AutoModelForCausalLM.from_pretrained(OUT_DIR)`
 loads it without remote code. --model_type defaults to internlm3 for INTERNLM3, mixtral for
@@ -30,6 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model_type", default=None, choices=["internlm3", "llama", "mixtral"],
                         help="transformers model type (default: internlm3 for INTERNLM3, mixtral for MoE, llama "
                              "otherwise)")
+    parser.add_argument("--config", default=None,
+                        help="with an InternEvo checkpoint folder: the training config it was written with")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of --config")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -39,9 +44,12 @@ def main(argv=None) -> int:
 
     try:
         dtype = torch_dtype(args.dtype)
-        report = export_ckpt_to_hf(args.src, args.tgt, target=args.model_type, dtype=dtype,
-                                   max_shard=args.max_shard, tokenizer=args.tokenizer,
-                                   progress=not args.no_progress)
+        if _is_internevo(args.src):
+            report = _export_internevo(args, dtype)
+        else:
+            report = export_ckpt_to_hf(args.src, args.tgt, target=args.model_type, dtype=dtype,
+                                       max_shard=args.max_shard, tokenizer=args.tokenizer,
+                                       progress=not args.no_progress)
     except UserError as exc:  # config, checkpoint, conversion: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,6 +58,35 @@ def main(argv=None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0
+
+
+def _is_internevo(src) -> bool:
+    from internlm.checkpoint.internevo_format import is_internevo_dir
+
+    return is_internevo_dir(src)
+
+
+def _export_internevo(args, dtype):
+    """An InternEvo folder: its tensors merged by InternEvoSource, the model shape from its config."""
+    from pathlib import Path
+
+    from internlm.builders import model_args
+    from internlm.checkpoint.internevo_format import InternEvoSource
+    from internlm.config import ConfigError, load_config
+    from internlm.hf.export import export_source_to_hf
+
+    if not args.config:
+        raise ConfigError(f"{args.src} is an InternEvo checkpoint folder, which does not record the model's shape: "
+                          f"pass the InternEvo config it was trained with (--config FILE, size overrides after it).")
+    cfg = load_config(args.config, args.overrides)
+    margs = model_args(cfg)
+    tokenizer = args.tokenizer
+    if tokenizer is None and cfg.data.tokenizer_path and Path(cfg.data.tokenizer_path).is_file():
+        tokenizer = cfg.data.tokenizer_path
+    report = export_source_to_hf(InternEvoSource(args.src, margs), margs, args.tgt, args.model_type, dtype,
+                                 args.max_shard, tokenizer, not args.no_progress)
+    report.notes.append(f"InternEvo checkpoint folder {args.src}, model from {args.config}")
+    return report
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ The fixture writer follows InternEvo's save_model_checkpoint and model code as r
 loader): each pipeline stage numbers its layers from 0; column-parallel weights (wqkv, w1, w3, the head)
 are cut along dim 0, row-parallel ones (wo, w2) along dim 1, the embedding (Embedding1D) along dim 1;
 InternLM2's wqkv holds, per kv head, [q_0 .. q_{g-1}, k, v] rows of head_dim; InternLM v1's Wqkv on a tp
-rank is (three, local heads, head_dim).
+rank is (three, local heads, head_dim). isp folders (model_tp{t}_wp{w}_pp{p}.pt, InternEvo's isp branch of
+save_model_checkpoint): every block linear is an ISPLinear (a ColumnParallelLinearTorch over the weight
+group), its weight and bias cut along dim 0 over wp, whole over the sequence-parallel ranks t; the
+embedding and the head are cut over t as in mtp; only the (t, w) pairs of saving ranks are written.
 """
 from __future__ import annotations
 
@@ -33,8 +36,12 @@ def random_model(seed=0, **overrides):
     return model.eval()
 
 
-def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = "") -> Path:
-    """Our model's weights as InternEvo's checkpoint manager writes them (tp x pp files)."""
+def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = "", wp: int = 0,
+                           pairs=None) -> Path:
+    """Our model's weights as InternEvo's checkpoint manager writes them (tp x pp files; with wp > 0, an
+    isp folder of the (tp rank, wp rank) `pairs`, default all)."""
+    if wp:
+        return _write_isp_folder(model, folder, tp, wp, pp, pairs or [(t, w) for t in range(tp) for w in range(wp)])
     a = model.args
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     v1 = a.model_type == "INTERNLM"
@@ -89,6 +96,59 @@ def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = 
     return folder
 
 
+def _write_isp_folder(model, folder: Path, tp: int, wp: int, pp: int, pairs) -> Path:
+    a = model.args
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    v1 = a.model_type == "INTERNLM"
+    kv, hd, h = a.num_kv_attention_heads, a.head_dim, a.hidden_size
+    group = a.num_attention_heads // kv
+    n = a.num_layers // pp
+    folder.mkdir(parents=True)
+    for p in range(pp):
+        files = {pair: {} for pair in pairs}
+
+        def top(name, full, dim, files=files):  # over the sequence-parallel (tensor) ranks
+            for (t, _), shard in files.items():
+                shard[name] = (full.chunk(tp, dim=dim)[t] if dim is not None else full).clone()
+
+        def block(name, full, split=True, files=files):  # ISPLinear: rows over the weight-parallel ranks
+            for (_, w), shard in files.items():
+                shard[name] = (full.chunk(wp, dim=0)[w] if split else full).clone()
+
+        if p == 0:
+            top("embedding.weight" if v1 else "tok_embeddings.weight", sd["tok_embeddings.weight"], 1)
+        for local in range(n):
+            ours = f"layers.{p * n + local}."
+            att = {w: sd[ours + f"attention.{w}.weight"] for w in ("wq", "wk", "wv")}
+            if v1:
+                base = f"blocks.{local}."
+                block(base + "mixer.Wqkv.weight", torch.cat([att["wq"], att["wk"], att["wv"]]))
+                bias = torch.cat([sd[ours + f"attention.{n}.bias"] for n in ("wq", "wk", "wv")])
+                block(base + "mixer.Wqkv.bias", bias)
+                block(base + "mixer.out_proj.weight", sd[ours + "attention.wo.weight"])
+                block(base + "mixer.out_proj.bias", sd[ours + "attention.wo.bias"])
+                block(base + "norm1.weight", sd[ours + "attention_norm.weight"], split=False)
+                block(base + "norm2.weight", sd[ours + "ffn_norm.weight"], split=False)
+                mlp = base + "mlp."
+            else:
+                base = f"layers.{local}."
+                q, k, v = (att[w].reshape(kv, -1, hd, h) for w in ("wq", "wk", "wv"))
+                block(base + "attention.wqkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, h))
+                block(base + "attention.wo.weight", sd[ours + "attention.wo.weight"])
+                block(base + "attention_norm.weight", sd[ours + "attention_norm.weight"], split=False)
+                block(base + "ffn_norm.weight", sd[ours + "ffn_norm.weight"], split=False)
+                mlp = base + "feed_forward."
+            for w in ("w1", "w3", "w2"):
+                block(mlp + f"{w}.weight", sd[ours + f"feed_forward.{w}.weight"])
+        if p == pp - 1:
+            top("norm.weight", sd["norm.weight"], None)
+            top("head.weight" if v1 else "output.weight", sd["output.weight"], 0)
+        for (t, w), shard in files.items():
+            torch.save(shard, folder / f"model_tp{t}_wp{w}_pp{p}.pt")
+    assert group >= 1
+    return folder
+
+
 def assert_same(ref, model):
     ref_sd, got = ref.state_dict(), model.state_dict()
     assert ref_sd.keys() == got.keys()
@@ -119,6 +179,49 @@ def test_internlm_v1_folder_merges_tp_and_pp(tmp_path):
     assert_same(ref, fresh)
 
 
+@pytest.mark.parametrize("model_type,tp,wp,pp,pairs", [
+    # InternEvo's 7B_isp_sft.py on 8 GPUs: isp 2, weight 4: each weight group spans two isp groups, so
+    # the saving ranks are (tp rank, wp rank) = (w % 2, w)
+    ("INTERNLM2_PUBLIC", 2, 4, 2, [(w % 2, w) for w in range(4)]),
+    ("INTERNLM2_PUBLIC", 2, 1, 1, None),  # isp without weight parallelism: blocks whole in every file
+    ("INTERNLM", 1, 2, 2, None),  # InternLM v1 with wp 2: Wqkv cut by plain rows
+])
+def test_isp_folder_merges_wp_tp_and_pp(tmp_path, model_type, tp, wp, pp, pairs):
+    kw = dict(model_type="INTERNLM", num_kv_attention_heads=4, qkv_bias=True, o_bias=True) \
+        if model_type == "INTERNLM" else {}
+    ref = random_model(0, **kw)
+    folder = write_internevo_folder(ref, tmp_path / "evo", tp, pp, wp=wp, pairs=pairs)
+    assert is_internevo_dir(folder)
+    fresh = random_model(1, **kw)
+    filled = load_internevo_into_parts(fresh, folder)
+    assert len(filled) == len(list(fresh.parameters()))
+    assert_same(ref, fresh)
+
+
+def test_isp_folder_errors_name_the_rank(tmp_path):
+    ref, fresh = random_model(0), random_model(1)
+    folder = write_internevo_folder(ref, tmp_path / "a", 2, 1, wp=4, pairs=[(w % 2, w) for w in range(4)])
+    (folder / "model_tp0_wp2_pp0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model_tp0_wp2_pp0\.pt is missing: no file of pipeline stage 0 holds "
+                                              r"wp rank 2"):
+        load_internevo_into_parts(fresh, folder)
+    folder = write_internevo_folder(ref, tmp_path / "a2", 2, 1, wp=4, pairs=[(w % 2, w) for w in range(4)])
+    (folder / "model_tp1_wp3_pp0.pt").unlink()  # the last rank gone: the merged shapes say so
+    with pytest.raises(CheckpointError, match=r"has 96 rows merged from 3 wp shard\(s\); the model expects 128"):
+        load_internevo_into_parts(fresh, folder)
+    folder = write_internevo_folder(ref, tmp_path / "b", 2, 1, wp=2)
+    torch.save({}, folder / "model_tp0_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"mixes model_tp\*_pp\*\.pt and isp"):
+        load_internevo_into_parts(fresh, folder)
+    folder = write_internevo_folder(ref, tmp_path / "c", 1, 1, wp=2)
+    sd = torch.load(folder / "model_tp0_wp1_pp0.pt", weights_only=True)
+    sd.pop("layers.0.attention.wo.weight")
+    torch.save(sd, folder / "model_tp0_wp1_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.attention\.wo\.weight' is in model_tp0_wp0_pp0\.pt but "
+                                              r"missing from the wp rank 1 files"):
+        load_internevo_into_parts(fresh, folder)
+
+
 def test_errors_name_the_file_or_tensor(tmp_path):
     ref = random_model(0)
     fresh = random_model(1)
@@ -131,8 +234,8 @@ def test_errors_name_the_file_or_tensor(tmp_path):
     sd = torch.load(folder / "model_tp0_pp1.pt", weights_only=True)
     sd.pop("norm.weight")
     torch.save(sd, folder / "model_tp0_pp1.pt")
-    with pytest.raises(CheckpointError, match=r"tensor 'norm\.weight' is in model_tp1_pp1\.pt but missing from its "
-                                              r"tp rank 0"):
+    with pytest.raises(CheckpointError, match=r"tensor 'norm\.weight' is in model_tp1_pp1\.pt but missing from the "
+                                              r"tp rank 0 files"):
         load_internevo_into_parts(fresh, folder)
 
     folder = write_internevo_folder(ref, tmp_path / "c", 2, 2)
@@ -158,12 +261,12 @@ def test_errors_name_the_file_or_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read .*model_tp0_pp0\.pt \(read with torch\.load\(weights_only"):
         load_internevo_into_parts(fresh, folder)
 
-    # isp files and a folder that is neither format
-    isp = tmp_path / "isp"
-    isp.mkdir()
-    torch.save({}, isp / "model_tp0_wp0_pp0.pt")
-    with pytest.raises(CheckpointError, match=r"model_tp0_wp0_pp0\.pt is an InternEvo isp"):
-        load_internevo_into_parts(fresh, isp)
+    # fsdp files and a folder that is neither format
+    fsdp = tmp_path / "fsdp"
+    fsdp.mkdir()
+    torch.save({}, fsdp / "model_tp0_pp0_dp0.pt")
+    with pytest.raises(CheckpointError, match=r"model_tp0_pp0_dp0\.pt is an InternEvo fsdp"):
+        load_internevo_into_parts(fresh, fsdp)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert not is_internevo_dir(empty)
@@ -186,3 +289,27 @@ def test_manager_dispatches_internevo_folders(monkeypatch, tmp_path):
     mgr.cfg = config_from_dict(tiny_config(ckpt=dict(auto_resume=False, load_ckpt_info=info)))
     with pytest.raises(CheckpointError, match=r"only its model weights can be loaded so far"):
         mgr.resume()
+
+
+def test_convert2hf_exports_an_internevo_isp_folder(tmp_path, capsys):
+    """tools/convert2hf.py takes an InternEvo folder with the config it was trained with; the Hugging Face
+    model gives our model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from internlm.cli import convert2hf
+    from tests.helpers import write_config
+
+    ref = random_model(0)
+    folder = write_internevo_folder(ref, tmp_path / "evo", 2, 2, wp=2, pairs=[(0, 0), (1, 1)])
+    out = tmp_path / "hf"
+    assert convert2hf.main(["--src", str(folder), "--tgt", str(out), "--no_progress"]) == 2
+    assert "pass the InternEvo config it was trained with" in capsys.readouterr().err
+    config = write_config(tmp_path, "evo_config.py")
+    rc = convert2hf.main(["--src", str(folder), "--tgt", str(out), "--dtype", "float32", "--no_progress",
+                          "--config", str(config), "parallel.tensor.mode='isp'"])
+    assert rc == 0, capsys.readouterr().err
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = torch.randint(0, ref.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ref(ids)).abs().max().item()
+    assert diff < 1e-4, diff
