@@ -26,11 +26,13 @@ from internlm.model.moe import moe_layers
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def expert_mesh(device_type: str, world_size: int, ep: int) -> DeviceMesh:
-    """(edp, ep): rank r is in expert group r // ep at position r % ep (MoE runs without tp and pp, so
-    the ranks are the data-parallel ranks)."""
-    ranks = torch.arange(world_size).reshape(world_size // ep, ep)
-    return DeviceMesh(device_type, ranks, mesh_dim_names=("edp", "ep"))
+def expert_mesh(device_type: str, world_size: int, ep: int, pp: int = 1) -> DeviceMesh:
+    """(edp, ep) of this rank's pipeline stage: its data-parallel ranks (MoE runs without tp, so a
+    stage's ranks are its data-parallel ranks, consecutive) in groups of `ep` consecutive ranks."""
+    ranks = torch.arange(world_size).reshape(pp, world_size // (pp * ep), ep)
+    if pp == 1:
+        return DeviceMesh(device_type, ranks[0], mesh_dim_names=("edp", "ep"))
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "edp", "ep"))["edp", "ep"]
 
 
 class ExpertDispatch:

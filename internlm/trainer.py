@@ -114,12 +114,14 @@ class Trainer:
             self.stage_ids = [0]
             self.model_parts = [full]
         self.num_stages = num_stages
-        self.moe = MoEStats(self.model_parts, cfg.loss.moe_loss_coeff, self.device)
+        self.moe = MoEStats(self.model_parts, cfg.loss.moe_loss_coeff, self.device, num_layers=args.num_layers)
         fsdp = False
         for part in self.model_parts:
             fsdp = parallelize(part, self.dims, self.mesh, cfg.model, self.dtype, cfg.hybrid_zero_optimizer)
             init_parameters(part, self.device, self.seed)
             part.train()
+            if self.dims.pp > 1 and self.moe:  # the load-balancing loss joins each stage's backward
+                self.moe.attach(part)
         # without FSDP's mixed precision the fp32 weights are kept and compute runs under autocast
         self.autocast_dtype = None if (fsdp or self.dtype == torch.float32) else self.dtype
         logger.info(f"model {cfg.model_type}: {args.num_params() / 1e6:.2f}M parameters, "
@@ -228,7 +230,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         self.loss_fn.reset()
-        self.loss_fn.scale = self.optimizer.loss_scale
+        self.loss_fn.scale = self.moe.scale = self.optimizer.loss_scale
         self.moe.reset()
         with phase(f"step {self.step + 1} forward/backward"
                    + (" (pipeline schedule)" if self.dims.pp > 1 else "")):
@@ -254,7 +256,9 @@ class Trainer:
         m = self._step_metrics(loss, type_loss, grad_norm, lr, step_time, stepped)
         m.update(loss_tokens=loss_tokens, num_loss_tokens=self.state.loss_tokens)
         if self.moe:
-            m.update(self.moe.reduce(self.world_size))
+            pipelined = self.dims.pp > 1  # (each stage records its own layers)
+            m.update(self.moe.reduce(self.world_size, batch["input_ids"].shape[0] if pipelined else None,
+                                     self.dims.dp))
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 

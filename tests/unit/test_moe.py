@@ -131,7 +131,6 @@ MOE_KEYS = ("model_type=INTERNLM_MoE", "model.num_experts=4")
     (1, ("model.num_experts=4",), "needs model_type='INTERNLM_MoE'"),
     (1, (*MOE_KEYS, "moe.top_k=5"), "moe.top_k=5 is larger than model.num_experts=4"),
     (2, (*MOE_KEYS, "parallel.tensor.size=2"), "parallel.tensor.size=2 with a MoE model is not built yet"),
-    (2, (*MOE_KEYS, "parallel.pipeline.size=2"), "parallel.pipeline.size=2 with a MoE model"),
     (6, (*MOE_KEYS, "parallel.expert.size=4"), "does not divide the data-parallel size 6"),
     (6, (*MOE_KEYS, "parallel.expert.size=3"), "model.num_experts=4 is not divisible by the expert-parallel size 3"),
     (1, (*MOE_KEYS, "moe.noisy_gate_policy='Jitter'"), "routing has no noise here"),
@@ -152,3 +151,12 @@ def test_expert_size_resolves_as_internevo(size, world, ep):
     dims = ParallelDims.from_config(cfg, world)
     assert dims.ep == ep  # -1/0: the data-parallel size, capped at the 4 experts
     assert (f"ep={ep}" in dims.describe()) == (ep > 1)
+
+
+def test_expert_mesh_of_a_pipeline_stage():
+    """ep x pp: each stage's data-parallel ranks form its own (edp, ep) groups."""
+    from internlm.parallel_dims import ParallelDims
+
+    cfg = _validate(8, *MOE_KEYS, "parallel.expert.size=2", "parallel.pipeline.size=2", "model.num_layers=4")
+    dims = ParallelDims.from_config(cfg, 8)
+    assert (dims.pp, dims.dp, dims.ep) == (2, 4, 2)
