@@ -81,6 +81,8 @@ class ModelConfig:
                                     check=checks.rope_scaling)
     max_position_embeddings: int = key(DERIVED, "trained context length; default max(2048, data.seq_len)", ge=1)
     tie_word_embeddings: bool = key(False, "share the embedding and output matrices")
+    norm_head: bool = key(False, "InternEvo's normalised output head: logits against the L2-normalised rows of the "
+                                 "output matrix (exported to Hugging Face as that normalised matrix)")
     init_std: float = key(0.02, "standard deviation of the initial weights", gt=0)
     checkpoint: bool | float = key(False, "activation checkpointing: True/False or the fraction of layers",
                                    check=checks.bool_or_fraction)

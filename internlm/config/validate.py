@@ -90,6 +90,10 @@ def validate(cfg, world_size: int | None = None) -> None:
     elif wp > 1:
         raise ConfigError(f"parallel.weight.size={wp} works within InternEvo's isp mode: set "
                           f"parallel.tensor.mode='isp' (or use parallel.zero1.fsdp=True to shard weights).")
+    if model.norm_head and model.tie_word_embeddings:
+        raise ConfigError("model.norm_head=True normalises the output matrix's rows but the tied embedding would "
+                          "still read the raw ones, which no Hugging Face model can express: set "
+                          "model.tie_word_embeddings=False (InternEvo's InternLM2 configs do).")
     if chunks > 1 and pp == 1:
         raise ConfigError(f"model.num_chunks={chunks} needs pipeline parallelism (parallel.pipeline.size > 1); "
                           f"set model.num_chunks=1.")
@@ -143,7 +147,7 @@ def _check_moe(full, tp: int, pp: int) -> None:
         return
     if moe.top_k > model.num_experts:
         raise ConfigError(f"moe.top_k={moe.top_k} is larger than model.num_experts={model.num_experts}.")
-    for size, key in ((tp, "parallel.tensor.size"), (pp, "parallel.pipeline.size")):
-        if size > 1:
-            raise ConfigError(f"{key}={size} with a MoE model is not built yet: MoE models train with data "
-                              f"parallelism and Hybrid ZeRO (zero1, zero1.fsdp) today; set {key}=1 (doc/moe.md).")
+    if tp > 1:
+        raise ConfigError(f"parallel.tensor.size={tp} with a MoE model is not built yet: MoE models train with data "
+                          f"parallelism, Hybrid ZeRO (zero1, zero1.fsdp), expert and pipeline parallelism today; set "
+                          f"parallel.tensor.size=1 (doc/moe.md).")

@@ -74,6 +74,8 @@ LAYOUTS = [
     # tensor parallel
     Layout("tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
     Layout("tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
+    # InternEvo's norm_head: the vocabulary-sharded output rows are normalised on their own rank
+    Layout("tp2_mtp_norm_head", 2, 1, ("parallel.tensor.size=2",), reference=("model.norm_head=True",)),
     # InternEvo's isp: sequence parallel, attention head parallel between two all-to-alls; weight parallel
     # (FSDP over the isp group); with data and pipeline parallelism. Packed samples straddle the shards.
     Layout("isp2", 2, 1, ISP2),
@@ -106,6 +108,14 @@ LAYOUTS = [
                                              "model.checkpoint=True"), reference=MOE),
     Layout("moe_residual_dropless_ep2", 2, 2, ("parallel.expert.size=2",), reference=MOE_RESIDUAL),
     Layout("bf16_moe_ep2", 2, 2, ("parallel.expert.size=2",), reference=(*MOE, *BF16), tolerance=BF16_TOL),
+    # MoE under pipeline parallelism: each stage's load-balancing loss joins its own backward
+    Layout("moe_pp2", 2, 1, ("parallel.pipeline.size=2",), reference=MOE),
+    Layout("moe_ep2_pp2", 4, 2, ("parallel.expert.size=2", "parallel.pipeline.size=2"), reference=MOE),
+    Layout("moe_pp2_interleaved_checkpoint", 2, 1, ("parallel.pipeline.size=2", "model.num_chunks=2",
+                                                    "model.checkpoint=True"), reference=MOE),
+    Layout("moe_pp2_zbh1", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbh1'"), reference=MOE),
+    Layout("moe_pp2_zbv", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2"),
+           reference=MOE),
     # pipeline parallel
     Layout("pp2_1f1b", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'")),
     Layout("pp2_interleaved", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='1f1b'",

@@ -572,3 +572,13 @@ def test_internevo_isp_and_2d_parallel_sections():
     assert "needs parallel.tensor.mode='isp'" in msg
     msg = error_of(config_from_dict, tiny(parallel=two_d, data=dict(seq_len=36)))
     assert "2 x 2 zigzag chunks" in msg and "a multiple of 8" in msg
+
+
+def test_norm_head_reaches_the_model_and_refuses_tied_embeddings():
+    from internlm.builders import model_args
+
+    cfg = config_from_dict(tiny(model=dict(norm_head=True)))
+    assert model_args(cfg).norm_head is True
+    assert model_args(config_from_dict(tiny())).norm_head is False
+    msg = error_of(config_from_dict, tiny(model=dict(norm_head=True, tie_word_embeddings=True)))
+    assert "model.norm_head=True" in msg and "model.tie_word_embeddings=False" in msg
