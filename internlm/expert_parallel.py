@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.profiler import record_function
 
-from internlm.model.moe import moe_layers
+from internlm.model.moe import expert_ffn, moe_layers
 
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
@@ -75,11 +74,7 @@ class ExpertDispatch:
         w1, w3, w2 = (getattr(experts, n).to_local().to(rows.dtype) for n in EXPERT_WEIGHTS)
         order = torch.argsort(local_id, stable=True)
         counts = torch.bincount(local_id, minlength=w1.shape[0]).tolist()
-        parts = []
-        for j, h in enumerate(torch.split(rows[order], counts)):
-            if counts[j]:
-                parts.append(F.linear(F.silu(F.linear(h, w1[j])) * F.linear(h, w3[j]), w2[j]))
-        out = torch.cat(parts) if parts else rows[:0]
+        out = expert_ffn(rows[order], counts, w1, w3, w2)
         return out[torch.argsort(order)]  # back to the order the rows arrived in
 
 

@@ -88,6 +88,7 @@ def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, 
     `adamw_kind` the optimizer's AdamW implementation. Printed at start (rank 0) and returned by the
     benchmark tool, so that a figure always says what it measured."""
     from internlm.model.attention import flash_available
+    from internlm.model.moe import grouped_mm_in_use
     from internlm.model.ops import rms_norm_impl
     from internlm.parallelize import fsdp_prefetch
 
@@ -124,4 +125,5 @@ def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, 
         "fsdp_prefetch": ("n/a (no data parallelism)" if not dims.fsdp
                           else "on" if fsdp_prefetch(cfg.hybrid_zero_optimizer) else "off"),
         "malloc": malloc_state() if device.type == "cpu" else "n/a (CUDA caching allocator)",
-    }
+    } | ({"moe_experts": "grouped GEMM (F.grouped_mm)" if grouped_mm_in_use(device, dtype)
+          else "one SwiGLU per expert (loop)"} if cfg.model.num_experts else {})

@@ -1,6 +1,6 @@
 """GPU proof in one run: correctness of the CUDA paths against the CPU, and throughput against Hugging Face.
 
-    python tools/gpu_check.py [--out DIR] [--budget SECONDS] [--tiny] [--stages env,attention,parity,bench]
+    python tools/gpu_check.py [--out DIR] [--budget SECONDS] [--tiny] [--stages env,attention,moe,parity,bench]
 
 Made for a GPU machine lent for a few minutes with no network: one command, every result written
 under --out (default: $OUT when set, else runs/gpu_check) as it arrives, so a run cut short still
@@ -11,9 +11,12 @@ leaves what it measured. Stages, in order:
 2. attention: packed attention (every backend available on the device: flash-attn, torch varlen,
    SDPA rows/mask/buckets, per-sample loop) against a float64 per-sample reference on the CPU, output
    and q/k/v gradients, in bf16 and fp32: document masks must hold on the GPU kernels.
-3. parity: `train.py` on a small InternLM2-shaped model, 10 steps on the device against the same run
+3. moe: the MoE experts' grouped GEMM (F.grouped_mm) against the per-expert loop, outputs and
+   gradients in bf16 and fp32 against an fp64 reference, and the time of one forward + backward of each
+   (milliseconds, same shapes, same call).
+4. parity: `train.py` on a small InternLM2-shaped model, 10 steps on the device against the same run
    on the CPU (same seed, same data): fp32 losses within 1e-3 relative, bf16 within 2e-2.
-4. bench: `tools/benchmark.py` on configs/bench_1.8b.py (InternLM2-1.8B's shape, seq 4096, bf16):
+5. bench: `tools/benchmark.py` on configs/bench_1.8b.py (InternLM2-1.8B's shape, seq 4096, bf16):
    defaults against the HF transformers loop (with a profiler trace of one step), then selective
    activation checkpointing, torch.compile, and both: TGS, TFLOPS, MFU against the measured bf16
    GEMM peak, peak memory and the kernel report line of each.
@@ -37,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (its configs/) of an editable install
 
-STAGES = ("env", "attention", "parity", "bench")
+STAGES = ("env", "attention", "moe", "parity", "bench")
+MOE_TOL = {"float32": 1e-4, "bfloat16": 2e-2}  # relative L2 error of the experts' output and gradients
 PARITY_TOL = {"float32": 1e-3, "bfloat16": 2e-2}  # max relative loss difference over the steps
 ATTN_TOL = {"float32": 2e-4, "bfloat16": 2e-2}  # relative L2 error of output and gradients vs float64
 # a small InternLM2-shaped model (GQA) for the CPU/GPU parity runs
@@ -262,7 +266,74 @@ def check_attention(device, tiny: bool, seed: int = 0) -> dict:
                 and leak > 10 * max(ATTN_TOL.values()))
 
 
-# ---- 3. train.py on the device vs the CPU ---------------------------------------------------------
+# ---- 3. MoE experts: grouped GEMM vs the loop ------------------------------------------------------
+
+def check_moe(device, tiny: bool, seed: int = 0, repeats: int = 5) -> dict:
+    """internlm.model.moe.expert_ffn with F.grouped_mm and with the per-expert loop, in bf16 and fp32:
+    error against float64 on the CPU, and milliseconds per forward + backward."""
+    import torch
+
+    from internlm.model import moe
+
+    experts, tokens, h, ffn = (4, 256, 64, 128) if tiny else (8, 4096, 1024, 2816)  # (an fp64 CPU reference)
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.multinomial(torch.ones(experts), tokens, replacement=True, generator=gen).bincount(
+        minlength=experts).tolist()
+    x = torch.randn(tokens, h, generator=gen)
+    w1, w3 = (torch.randn(experts, ffn, h, generator=gen) / h ** 0.5 for _ in range(2))
+    w2 = torch.randn(experts, h, ffn, generator=gen) / ffn ** 0.5
+    grad = torch.randn(tokens, h, generator=gen)
+    ref_in = [t.double().requires_grad_() for t in (x, w1, w3, w2)]
+    was = moe.USE_GROUPED_MM
+    try:
+        moe.USE_GROUPED_MM = False
+        moe.expert_ffn(ref_in[0], counts, *ref_in[1:]).backward(grad.double())
+        refs = [t.grad for t in ref_in]
+        rows = []
+        for dtype in (torch.bfloat16, torch.float32):
+            name = str(dtype).replace("torch.", "")
+            for grouped in (True, False):
+                moe.USE_GROUPED_MM = grouped
+                row = dict(dtype=name, kernel="grouped_mm" if grouped else "loop", experts=experts, tokens=tokens,
+                           hidden=h, ffn=ffn)
+                try:
+                    leaves = [t.to(device, dtype).detach().clone().requires_grad_() for t in (x, w1, w3, w2)]
+                    runs = grouped and moe._grouped_mm_runs(leaves[0], leaves[1])
+                    if grouped and not runs:
+                        row.update(ok=True, skipped="F.grouped_mm does not take these operands here")
+                        rows.append(row)
+                        continue
+                    out = moe.expert_ffn(leaves[0], counts, *leaves[1:])
+                    out.backward(grad.to(device, dtype))
+                    ref_out = moe.expert_ffn(*[t.detach() for t in ref_in[:1]], counts,
+                                             *[t.detach() for t in ref_in[1:]])
+                    errs = [_rel(out.detach(), ref_out)] + [_rel(t.grad, r) for t, r in zip(leaves, refs)]
+                    times = []
+                    for _ in range(repeats):
+                        for t in leaves:
+                            t.grad = None
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        moe.expert_ffn(leaves[0], counts, *leaves[1:]).backward(grad.to(device, dtype))
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    row.update(max_err=max(errs), tol=MOE_TOL[name], ms=1e3 * sorted(times)[len(times) // 2],
+                               ok=bool(max(errs) <= MOE_TOL[name]))
+                except Exception as exc:  # noqa: BLE001 - a failing kernel is a result, not a crash
+                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+                rows.append(row)
+    finally:
+        moe.USE_GROUPED_MM = was
+    for dtype in ("bfloat16", "float32"):
+        pair = {r["kernel"]: r for r in rows if r["dtype"] == dtype and "ms" in r}
+        if len(pair) == 2:
+            pair["grouped_mm"]["speedup_vs_loop"] = pair["loop"]["ms"] / pair["grouped_mm"]["ms"]
+    return dict(rows=rows, ok=all(r["ok"] for r in rows))
+
+
+# ---- 4. train.py on the device vs the CPU ---------------------------------------------------------
 
 def _losses(run_folder: Path) -> tuple[list[float], list[float]]:
     losses, norms = [], []
@@ -423,6 +494,23 @@ def markdown(results: dict) -> str:
         if "error" in att:
             lines.append(f"\nattention stage failed: {att['error'][:500]}")
         lines.append("")
+    moe_st = st.get("moe")
+    if moe_st:
+        lines += ["## MoE experts: grouped GEMM vs loop (fp64 reference)", "",
+                  "| dtype | kernel | shape (E, tokens, h, ffn) | max rel err | tol | fwd+bwd ms | vs loop | ok |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in moe_st.get("rows", []):
+            shape = f"{r['experts']}, {r['tokens']}, {r['hidden']}, {r['ffn']}"
+            if "ms" in r:
+                sp = f"{r['speedup_vs_loop']:.2f}x" if "speedup_vs_loop" in r else "-"
+                lines.append(f"| {r['dtype']} | {r['kernel']} | {shape} | {r['max_err']:.1e} | {r['tol']:.0e} | "
+                             f"{r['ms']:.2f} | {sp} | {'yes' if r['ok'] else 'NO'} |")
+            else:
+                lines.append(f"| {r['dtype']} | {r['kernel']} | {shape} | "
+                             f"{(r.get('skipped') or r.get('error', ''))[:80]} | | | | {'yes' if r['ok'] else 'NO'} |")
+        if "error" in moe_st:
+            lines.append(f"\nmoe stage failed: {moe_st['error'][:500]}")
+        lines.append("")
     par = st.get("parity")
     if par:
         lines += [f"## train.py on {par.get('compared_with', '?')} vs CPU (same seed and data)", "",
@@ -508,6 +596,12 @@ def main(argv=None) -> int:
                 if bad:  # the default CUDA backend failed its check: measure throughput with SDPA instead
                     args.bench_overrides = ["model.attn_backend='sdpa'"]
                     run.log("[attention] torch varlen failed its check: the throughput stage uses SDPA")
+            elif stage == "moe":
+                value = check_moe(device, tiny)
+                for r in value["rows"]:
+                    run.log(f"[moe] {r['dtype']:8s} {r['kernel']:10s} "
+                            + (f"max rel err {r['max_err']:.2e} (tol {r['tol']:.0e}), {r['ms']:.2f} ms" if "ms" in r
+                               else r.get("skipped") or r.get("error", "")) + ("" if r["ok"] else "  FAILED"))
             elif stage == "parity":
                 with tempfile.TemporaryDirectory(prefix="gpu_check_parity_") as workdir:
                     value = stage_parity(run, cuda, tiny, Path(workdir))

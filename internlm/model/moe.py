@@ -17,8 +17,10 @@ Routing, per micro-batch, in fp32:
 - `moe_use_residual` (residual MoE, DeepSpeed's PR-MoE): a dense SwiGLU beside the experts, mixed with
   them per token by a softmax over a 2-way linear coefficient.
 
-Experts are stacked weights (`experts.w1` [E, ffn, h], `w3` [E, ffn, h], `w2` [E, h, ffn]) run one
-after another over the tokens routed to each (a loop; the same arithmetic as one SwiGLU per expert).
+Experts are stacked weights (`experts.w1` [E, ffn, h], `w3` [E, ffn, h], `w2` [E, h, ffn]). The tokens
+routed to them, sorted by expert, go through `expert_ffn`: PyTorch's grouped GEMM
+(`torch.nn.functional.grouped_mm`, one kernel per projection for all experts) where it runs (CUDA bf16
+on sm80+, and fp32 on CPU), otherwise one SwiGLU per expert in a loop; the same arithmetic either way.
 Each layer keeps the statistics of its last forward (`stats`: tokens per expert before dropping,
 dropped assignments) and its auxiliary loss (`aux_loss`) for the trainer to read.
 """
@@ -57,6 +59,46 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None):
     return weights * kept, experts, kept, aux, load
 
 
+USE_GROUPED_MM = True  # (tests switch it off to compare with the loop)
+
+
+def _grouped_mm_runs(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether F.grouped_mm takes these operands: bf16 on CUDA sm80+ (its fused kernel), fp32 on CPU,
+    rows of a multiple of 16 bytes (its stride rule), and some rows at all."""
+    if not (USE_GROUPED_MM and hasattr(F, "grouped_mm")) or x.shape[0] == 0:
+        return False
+    if x.device.type == "cuda":
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    else:
+        ok = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return ok and all(d * x.element_size() % 16 == 0 for d in w1.shape[1:])
+
+
+def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """x [N, h] rows sorted by expert, counts[e] of them for expert e -> each row through its expert's
+    SwiGLU [N, h]; w1/w3 [E, ffn, h], w2 [E, h, ffn]."""
+    if _grouped_mm_runs(x, w1):
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        w1, w3, w2 = (w.to(x.dtype).transpose(1, 2) for w in (w1, w3, w2))  # [E, in, out], column-major
+        h = F.silu(F.grouped_mm(x, w1, offs=offs)) * F.grouped_mm(x, w3, offs=offs)
+        return F.grouped_mm(h, w2, offs=offs)
+    parts = [F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]), w2[e])
+             for e, rows in enumerate(torch.split(x, counts)) if counts[e]]
+    return torch.cat(parts) if parts else x[:0]
+
+
+def grouped_mm_in_use(device: torch.device, dtype: torch.dtype) -> bool:
+    """For the kernels line: whether experts computed in `dtype` on `device` run as a grouped GEMM (when
+    their widths are multiples of 16 bytes)."""
+    if not (USE_GROUPED_MM and hasattr(F, "grouped_mm")):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.is_available() and \
+            torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and dtype == torch.float32
+
+
 class Experts(nn.Module):
     """`num_experts` SwiGLU FFNs as stacked weights."""
 
@@ -68,19 +110,15 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, h]; weights/experts [N, k] (expert -1: dropped) -> sum_k weights * expert_k(x) [N, h]."""
-        out = torch.zeros_like(x)
         flat_expert = experts.reshape(-1)
         flat_weight = weights.reshape(-1)
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
-        for e in range(self.w1.shape[0]):
-            pick = (flat_expert == e).nonzero().squeeze(-1)
-            if pick.numel() == 0:
-                continue
-            rows = token[pick]
-            h = x[rows]
-            y = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
-            out.index_add_(0, rows, y * flat_weight[pick].unsqueeze(-1).to(y.dtype))
-        return out
+        picked = (flat_expert >= 0).nonzero().squeeze(-1)
+        picked = picked[torch.argsort(flat_expert[picked], stable=True)]  # by expert, then token order
+        counts = torch.bincount(flat_expert[picked], minlength=self.w1.shape[0]).tolist()
+        rows = token[picked]
+        y = expert_ffn(x[rows], counts, self.w1, self.w3, self.w2)
+        return torch.zeros_like(x).index_add_(0, rows, y * flat_weight[picked].unsqueeze(-1).to(y.dtype))
 
 
 class MoEFeedForward(nn.Module):

@@ -20,7 +20,7 @@ def run_check(tmp_path, *args):
 
 
 def test_correctness_stages_on_cpu(tmp_path):
-    proc, out = run_check(tmp_path, "--stages", "env,attention,parity")
+    proc, out = run_check(tmp_path, "--stages", "env,attention,moe,parity")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     st = res["stages"]
@@ -31,11 +31,15 @@ def test_correctness_stages_on_cpu(tmp_path):
     for r in st["attention"]["rows"]:
         assert r["ok"] and r["max_err"] <= r["tol"], r
     assert st["attention"]["doc_mask_leak_error"] > 0.1  # ignoring document boundaries would be caught
+    moe_rows = {(r["dtype"], r["kernel"]): r for r in st["moe"]["rows"]}
+    assert moe_rows[("float32", "grouped_mm")]["max_err"] <= 1e-4  # F.grouped_mm takes fp32 on the CPU
+    assert moe_rows[("float32", "grouped_mm")]["speedup_vs_loop"] > 0
+    assert moe_rows[("bfloat16", "loop")]["ok"] and "skipped" in moe_rows[("bfloat16", "grouped_mm")]
     (row,) = st["parity"]["rows"]
     assert row["ok"] and len(row["loss_cpu"]) == 3 and row["max_rel_loss_diff"] <= 1e-3
     assert all(math.isfinite(x) for x in row["loss_device"])
     md = (out / "gpu_check.md").read_text()
-    assert "| sdpa_loop | float32 | loop |" in md and "Stages: env ok, attention ok, parity ok" in md
+    assert "| sdpa_loop | float32 | loop |" in md and "Stages: env ok, attention ok, moe ok, parity ok" in md
     assert "[parity] float32: max relative loss difference" in (out / "gpu_check.log").read_text()
 
 

@@ -160,3 +160,35 @@ def test_expert_mesh_of_a_pipeline_stage():
     cfg = _validate(8, *MOE_KEYS, "parallel.expert.size=2", "parallel.pipeline.size=2", "model.num_layers=4")
     dims = ParallelDims.from_config(cfg, 8)
     assert (dims.pp, dims.dp, dims.ep) == (2, 4, 2)
+
+
+def test_grouped_gemm_experts_equal_the_loop(monkeypatch):
+    """expert_ffn: F.grouped_mm (fp32 on CPU) gives the per-expert loop's outputs and gradients, with an
+    expert that gets no token; the kernels line names the path."""
+    import torch.nn.functional as F
+
+    from internlm.model import moe
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 9, 2]
+    x = torch.randn(sum(counts), 16, generator=g)
+    w1, w3 = (torch.randn(4, 24, 16, generator=g) * 0.2 for _ in range(2))
+    w2 = torch.randn(4, 16, 24, generator=g) * 0.2
+    grad = torch.randn(sum(counts), 16, generator=g)
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(moe, "USE_GROUPED_MM", grouped)
+        assert moe._grouped_mm_runs(x, w1) == grouped
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+        out = moe.expert_ffn(leaves[0], counts, *leaves[1:])
+        out.backward(grad)
+        results[grouped] = [out.detach()] + [t.grad for t in leaves]
+    for a, b in zip(results[True], results[False]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert results[True][2][1].abs().sum() == 0  # the idle expert gets no gradient
+    monkeypatch.setattr(moe, "USE_GROUPED_MM", True)
+    assert moe.grouped_mm_in_use(torch.device("cpu"), torch.float32)
+    assert not moe.grouped_mm_in_use(torch.device("cpu"), torch.bfloat16)  # CPU bf16: the loop (autocast)
+    assert not moe._grouped_mm_runs(torch.randn(3, 6), torch.randn(2, 5, 6))  # rows not 16-byte multiples
