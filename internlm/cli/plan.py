@@ -3,6 +3,7 @@
     python tools/plan.py --config configs/7B_sft.py --gpus 8 --gpu A100-80GB
     python tools/plan.py --config configs/7B_sft.py --gpus 64 --gpu H100-80GB --layout "tp=2 zero1=8 ckpt=full"
     python tools/plan.py --config configs/7B_sft.py --gpus 64 --gpu H100-80GB --search --json plans.json
+    python tools/plan.py --explain runs/my_run --gpu H100-80GB      # a finished run: measured vs planned
 
 Memory per rank (parameters, gradients, optimizer states, gathered weights, activations, buffers) comes
 from the trainer's own model build under a fake process group of --gpus ranks; FLOPs, communication per
@@ -96,6 +97,24 @@ def search(config, overrides, gpus, hw, gpus_per_node, top: int):
     return fitting[:top], smallest, len(plans)
 
 
+def _explain(a) -> int:
+    from internlm.plan.explain import explain, report
+    from internlm.plan.hardware import resolve_hardware
+
+    try:
+        hw = resolve_hardware(a.gpu, peak_tflops=a.peak_tflops, memory_gb=a.memory_gb, intra_gbps=a.intra_gbps,
+                              inter_gbps=a.inter_gbps)
+        ex = explain(a.explain, hw, a.gpus_per_node)
+    except (UserError, ValueError, OSError) as exc:
+        print(f"plan: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report(ex)))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(ex.to_dict(), fh, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     from internlm.log import setup_logging
 
@@ -104,9 +123,9 @@ def main(argv=None) -> int:
 
     logging.getLogger("internlm").setLevel(logging.WARNING)  # the model builds' info lines, once per layout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="a training config (.py or .yaml)")
+    ap.add_argument("--config", help="a training config (.py or .yaml)")
     ap.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, as train.py takes them")
-    ap.add_argument("--gpus", type=int, required=True, help="accelerators in the cluster")
+    ap.add_argument("--gpus", type=int, help="accelerators in the cluster")
     ap.add_argument("--gpus_per_node", type=int, default=8)
     ap.add_argument("--gpu", default="H100-80GB", help="A100-80GB, H100-80GB, H100-96GB, H200, B200 or cpu")
     ap.add_argument("--peak_tflops", type=float, help="dense bf16 peak, replacing the --gpu figure")
@@ -119,7 +138,14 @@ def main(argv=None) -> int:
                                                           "that fit by predicted TGS")
     ap.add_argument("--top", type=int, default=10, help="layouts --search prints")
     ap.add_argument("--json", metavar="OUT", help="also write the plan(s) as JSON")
+    ap.add_argument("--explain", metavar="RUN_FOLDER", help="a finished run's measurements against the plan of "
+                                                            "its layout on --gpu (doc/plan.md)")
     a = ap.parse_args(argv)
+    if a.explain:
+        return _explain(a)
+    if not a.config or a.gpus is None:
+        print("plan: --config and --gpus are needed (or --explain RUN_FOLDER)", file=sys.stderr)
+        return 2
     if a.gpus < 1 or a.gpus_per_node < 1:
         print("plan: --gpus and --gpus_per_node must be positive", file=sys.stderr)
         return 2

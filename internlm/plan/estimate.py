@@ -250,7 +250,7 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     optimizer = 40 * s0.stored_numel / hbm  # AdamW reads/writes weights, grads and two states in fp32
     step = busy + exposed + pp_time + bubble + optimizer
     time_s = {"compute": compute, "recompute": recompute, "exposed_comm": exposed + pp_time, "bubble": bubble,
-              "optimizer": optimizer, "step": step,
+              "optimizer": optimizer, "step": step, "comm_total": tp_bytes / bw["tp"] + fsdp_time + pp_time,
               "gemm": micro_num * parts["gemm"], "attention": micro_num * parts["attention"],
               "elementwise": micro_num * parts["elementwise"]}
     rates = step_throughput(args, m, tokens=global_tokens, step_time_s=step, world_size=gpus, seq_len=data.seq_len,

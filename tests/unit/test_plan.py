@@ -172,3 +172,42 @@ def test_cli_search_ranks_layouts_and_says_when_nothing_fits(tmp_path):
 def test_planned_config_ignores_missing_data_folders(tmp_path):
     cfg = planned_config(write_config(tmp_path, data={"train_folder": "/nowhere"}), [], {"tp": "2"})
     assert cfg.data.train_folder is None and cfg.parallel.tensor.size == 2
+
+
+def test_explain_reads_a_finished_run_against_its_plan(tmp_path, capsys):
+    """--explain RUN_FOLDER: a 2-process dp run with --profiling, its medians and trace parts against the
+    plan of the same layout (world size read off the tokens per step), the largest gap named; missing
+    files are one-line errors."""
+    import statistics
+
+    from internlm.cli import plan as plan_cli
+    from internlm.plan.explain import read_trace
+    from tests import launcher
+
+    cfg = write_config(tmp_path, data=dict(total_steps=6))
+    run = launcher.run(2, ["--profiling"], tmp_path, config=cfg, timeout=240)
+    assert run.returncode == 0, run.tail()
+    folder = tmp_path / "run"
+    out = tmp_path / "explain.json"
+    assert plan_cli.main(["--explain", str(folder), "--gpu", "cpu", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    m = res["measured"]
+    assert m["world_size"] == 2 and m["steps"] == 5
+    assert m["step_s"] == pytest.approx(statistics.median(r["step_time"] for r in run.records[1:]))
+    trace = read_trace(next((folder / "profile").glob("trace_rank0_steps*.json")))
+    assert trace["steps"] == 3 and 0 < trace["comm_s"] < trace["step_s"] and trace["optimizer_s"] > 0
+    assert m["comm_s"] == pytest.approx(trace["comm_s"])
+    rows = {r[0]: r for r in res["rows"]}
+    assert set(rows) == {"step time", "TGS", "MFU", "communication", "optimizer", "peak memory"}
+    assert rows["communication"][2] > 0  # the plan's FSDP traffic of dp=2
+    assert res["layout"].startswith("tp=1 pp=1 dp=2 zero1=2")
+    assert "largest gap: " in text and res["largest_gap"].split(":")[0] in rows
+    # mistakes: one line, exit status 2
+    assert plan_cli.main(["--explain", str(tmp_path / "nowhere"), "--gpu", "cpu"]) == 2
+    assert "config.yaml does not exist" in capsys.readouterr().err
+    (folder / "metrics.jsonl").write_text("")
+    assert plan_cli.main(["--explain", str(folder), "--gpu", "cpu"]) == 2
+    assert "holds no training step" in capsys.readouterr().err
+    assert plan_cli.main(["--gpu", "cpu"]) == 2
+    assert "--config and --gpus are needed" in capsys.readouterr().err
