@@ -159,6 +159,29 @@ def test_reshard_isp2_wp2_to_tp2_and_to_one_process(ws, reference):
         _assert_same_metrics(reference, [first, second], rtol=1e-5)
 
 
+MOE = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "loss.moe_loss_coeff=0.1")
+
+
+@pytest.fixture(scope="module")
+def moe_reference(ws):
+    """The uninterrupted 12-step single-process run of a MoE model (4 experts, top-2 GShard)."""
+    return _ok(ws.train(1, ws.root / "moe_ref_ckpt", *MOE))
+
+
+def test_reshard_moe_ep2_to_one_process(ws, moe_reference):
+    """Expert-parallel experts (DTensors over the expert dimension) saved under ep2 resume in one
+    process: the same losses, gradient norms and expert loads as the uninterrupted run."""
+    ckpt = ws.root / "moe_ep2"
+    first = _ok(ws.train(2, ckpt, *MOE, *DP2, "parallel.expert.size=2", "data.total_steps=6"))
+    assert json.loads((ckpt / "6" / "meta.json").read_text())["layout"]["ep"] == 2
+    second = _ok(ws.train(1, ckpt, *MOE))
+    assert "resumed from" in second.out and "(step 6" in second.out
+    _assert_same_metrics(moe_reference, [first, second], rtol=1e-4)
+    got = {**first.by_step(), **second.by_step()}
+    ref = moe_reference.by_step()
+    assert [got[s]["moe_load"] for s in range(1, 13)] == [ref[s]["moe_load"] for s in range(1, 13)]
+
+
 # ---- crash safety --------------------------------------------------------------------------------
 
 def _hashes(folder: Path) -> dict:
