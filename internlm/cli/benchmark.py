@@ -264,6 +264,12 @@ def benchmark(args, cfg, sides, log) -> dict:
                 result["trace"] = trace
                 log(f"[bench] trace of the profiled {s.name} step: {trace}")
             result[f"profile_{s.name}"] = ops
+            moe = {o["name"]: o["device_ms" if on_gpu else "cpu_ms"] for o in ops if o["name"].startswith("moe_")}
+            if moe and s.name == "ours":  # a MoE model's named ranges, forward only, against the step
+                result["moe_ranges_ms"] = moe
+                log("[bench] MoE ranges of the profiled step (forward, inclusive): " + ", ".join(
+                    f"{k} {v:.1f} ms ({100 * v / 1e3 / result['step_time_median']:.1f}% of the median step)"
+                    for k, v in sorted(moe.items())))
             log(f"[bench] profile of one more {s.name} step, top ops by self {'CUDA' if on_gpu else 'CPU'} time:")
             for o in ops:
                 log(f"    {o['name'][:60]:60s} calls={o['calls']:6d} self_cpu={o['self_cpu_ms']:9.1f} ms"
