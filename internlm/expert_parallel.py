@@ -25,13 +25,16 @@ from internlm.model.moe import expert_ffn, moe_layers
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
-def expert_mesh(device_type: str, world_size: int, ep: int, pp: int = 1) -> DeviceMesh:
-    """(edp, ep) of this rank's pipeline stage: its data-parallel ranks (MoE runs without tp, so a
-    stage's ranks are its data-parallel ranks, consecutive) in groups of `ep` consecutive ranks."""
-    ranks = torch.arange(world_size).reshape(pp, world_size // (pp * ep), ep)
+def expert_mesh(device_type: str, world_size: int, ep: int, pp: int = 1, tp: int = 1) -> DeviceMesh:
+    """(edp, ep) of this rank's pipeline stage: its data-parallel ranks in groups of `ep` consecutive
+    ones; with tensor parallelism (edp, ep, tp): each tensor-parallel position has its own groups."""
+    ranks = torch.arange(world_size).reshape(pp, world_size // (pp * ep * tp), ep, tp)
+    names = ("edp", "ep", "tp") if tp > 1 else ("edp", "ep")
+    if tp == 1:
+        ranks = ranks[..., 0]
     if pp == 1:
-        return DeviceMesh(device_type, ranks[0], mesh_dim_names=("edp", "ep"))
-    return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "edp", "ep"))["edp", "ep"]
+        return DeviceMesh(device_type, ranks[0], mesh_dim_names=names)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", *names))[names]
 
 
 class ExpertDispatch:
@@ -79,13 +82,20 @@ class ExpertDispatch:
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh, ep: int) -> list[nn.Parameter]:
-    """Shard every MoE layer's experts over the mesh's "ep" dimension and give the layer the dispatch.
-    Returns the expert parameters (FSDP must ignore them)."""
+    """Shard every MoE layer's experts over the mesh's "ep" dimension (and, on a mesh with "tp", over
+    the FFN width as internlm.moe_tensor_parallel split them) and give the layer the dispatch. Returns
+    the expert parameters (FSDP must ignore them)."""
+    from internlm.moe_tensor_parallel import WIDTH_DIM
+
+    tp = "tp" in (mesh.mesh_dim_names or ())
     params = []
     for _, layer in moe_layers(model):
         for name in EXPERT_WEIGHTS:
             full = getattr(layer.experts, name)
-            sharded = nn.Parameter(distribute_tensor(full.data, mesh, [Replicate(), Shard(0)], src_data_rank=None))
+            if isinstance(full, DTensor):  # split over tp already: the same global tensor, re-laid
+                full = torch.empty(full.shape, dtype=full.dtype, device=full.device)
+            placements = [Replicate(), Shard(0)] + ([Shard(WIDTH_DIM[name])] if tp else [])
+            sharded = nn.Parameter(distribute_tensor(full.data, mesh, placements, src_data_rank=None))
             setattr(layer.experts, name, sharded)
             params.append(sharded)
         layer.dispatch = ExpertDispatch(mesh["ep"].get_group(), ep, layer.num_experts)

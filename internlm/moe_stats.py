@@ -90,12 +90,13 @@ class MoEStats:
 
         stage.register_forward_hook(hook)
 
-    def reduce(self, world_size: int, micro_batches: int | None = None, replicas: int = 1) -> dict:
+    def reduce(self, world_size: int, micro_batches: int | None = None, replicas: int = 1,
+               duplicates: int = 1) -> dict:
         """Metrics of the step on every rank: moe_loss (mean per micro-batch of the summed layer losses,
         unweighted), moe_imbalance (largest max/mean expert load of any layer), moe_dropped (token-expert
         assignments dropped), and moe_load: per layer its tokens per expert, imbalance and drops. Under
         pipeline parallelism pass the step's `micro_batches` and the data-parallel `replicas` (each stage
-        records only its own layers)."""
+        records only its own layers). `duplicates`: ranks that route the same tokens (tensor parallelism)."""
         if micro_batches is not None:  # pipeline: the step's real forwards of each stage
             for forwards in self.stage_forwards.values():
                 for load, dropped, aux_sum in forwards[-micro_batches:]:
@@ -107,6 +108,8 @@ class MoEStats:
                           torch.tensor([float(self.micro_batches)], dtype=torch.float64, device=self.device)])
         if world_size > 1:
             dist.all_reduce(flat)
+        if duplicates > 1:
+            flat /= duplicates  # (each count appears duplicates times: exact)
         n_layers, n_exp = self.load.shape
         load = flat[:n_layers * n_exp].reshape(n_layers, n_exp)
         dropped = flat[n_layers * n_exp:n_layers * n_exp + n_layers]

@@ -59,9 +59,9 @@ class ParallelDims:
             self.head = self.tp // self.context
         if self.head * self.context != self.tp:
             raise ValueError(f"head({self.head}) x context({self.context}) != tp({self.tp})")
-        if self.dp % self.ep or (self.ep > 1 and self.tp > 1):
+        if self.dp % self.ep or (self.ep > 1 and self.isp > 1):
             raise ValueError(f"expert parallelism ({self.ep}) splits the data-parallel ranks (dp={self.dp}) "
-                             f"of a run without tensor parallelism")
+                             f"of a run without isp")
         self._fsdp_mesh = None
         self._sp_groups = None
         self._expert_mesh = None
@@ -158,7 +158,7 @@ class ParallelDims:
         if self._expert_mesh is None:
             from internlm.expert_parallel import expert_mesh
 
-            self._expert_mesh = expert_mesh(device_type, self.world_size, self.ep, self.pp)
+            self._expert_mesh = expert_mesh(device_type, self.world_size, self.ep, self.pp, self.tensor_parallel)
         return self._expert_mesh
 
     def coords(self, rank: int) -> dict:

@@ -22,6 +22,8 @@ from torch.distributed.tensor.parallel import (
 
 from internlm.log import logger
 from internlm.model.internlm import InternLM, init_full_tensor
+from internlm.model.moe import MoEFeedForward
+from internlm.moe_tensor_parallel import shard_experts_over_tp
 from internlm.parallel_dims import ParallelDims
 
 
@@ -29,7 +31,8 @@ def apply_tensor_parallel(model: InternLM, tp_mesh: DeviceMesh, sequence_paralle
     """Megatron-style TP: q/k/v, w1, w3 column-parallel, wo and w2 row-parallel, the embedding
     sharded over the vocabulary and the head column-parallel with its logits left sharded over the
     vocabulary (the loss runs under `loss_parallel`). With sequence parallel ("msp") the norms and
-    residual stream are sharded over the sequence dimension between the TP regions."""
+    residual stream are sharded over the sequence dimension between the TP regions. MoE layers: see
+    internlm/moe_tensor_parallel.py."""
     seq = Shard(1) if sequence_parallel else Replicate()
     root_plan = {}
     if model.tok_embeddings is not None:
@@ -47,15 +50,21 @@ def apply_tensor_parallel(model: InternLM, tp_mesh: DeviceMesh, sequence_paralle
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         }
+        moe = isinstance(block.feed_forward, MoEFeedForward)
+        if not moe:
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            })
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+        if moe:  # experts split over their FFN width, tokens gathered for the router (moe_tensor_parallel.py)
+            shard_experts_over_tp(block, tp_mesh, sequence_parallel)
 
 
 def _compute_heavy_ops() -> set:

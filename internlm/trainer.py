@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import loss_parallel
 
 from internlm import builders, metrics, pipeline
@@ -207,7 +208,10 @@ class Trainer:
                 logits = model(inputs[i:i + 1], position_ids=positions[i:i + 1])
                 loss = self.loss_fn(logits, target[i:i + 1])
                 if self.moe:  # the load-balancing loss, logged apart (moe_loss), under the same loss scale
-                    loss = loss + self.moe.after_forward() * self.loss_fn.scale
+                    aux = self.moe.after_forward() * self.loss_fn.scale
+                    if isinstance(loss, DTensor):  # tensor parallelism: the same on every rank of the group
+                        aux = DTensor.from_local(aux, loss.device_mesh, [Replicate()] * loss.device_mesh.ndim)
+                    loss = loss + aux
                 if train:
                     (loss / n_micro).backward()
 
@@ -258,7 +262,7 @@ class Trainer:
         if self.moe:
             pipelined = self.dims.pp > 1  # (each stage records its own layers)
             m.update(self.moe.reduce(self.world_size, batch["input_ids"].shape[0] if pipelined else None,
-                                     self.dims.dp))
+                                     self.dims.dp, duplicates=self.dims.tensor_parallel))
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 

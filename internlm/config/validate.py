@@ -147,7 +147,7 @@ def _check_moe(full, tp: int, pp: int) -> None:
         return
     if moe.top_k > model.num_experts:
         raise ConfigError(f"moe.top_k={moe.top_k} is larger than model.num_experts={model.num_experts}.")
-    if tp > 1:
-        raise ConfigError(f"parallel.tensor.size={tp} with a MoE model is not built yet: MoE models train with data "
-                          f"parallelism, Hybrid ZeRO (zero1, zero1.fsdp), expert and pipeline parallelism today; set "
-                          f"parallel.tensor.size=1 (doc/moe.md).")
+    if tp > 1 and full.parallel.tensor.mode == "isp":
+        raise ConfigError(f"parallel.tensor.mode='isp' (size {tp}) with a MoE model is not built yet: MoE models "
+                          f"train with data parallelism, Hybrid ZeRO (zero1, zero1.fsdp), expert, tensor ('mtp', "
+                          f"'msp') and pipeline parallelism today; set parallel.tensor.mode='msp' (doc/moe.md).")

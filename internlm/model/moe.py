@@ -109,16 +109,22 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [N, h]; weights/experts [N, k] (expert -1: dropped) -> sum_k weights * expert_k(x) [N, h]."""
-        flat_expert = experts.reshape(-1)
-        flat_weight = weights.reshape(-1)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
-        picked = (flat_expert >= 0).nonzero().squeeze(-1)
-        picked = picked[torch.argsort(flat_expert[picked], stable=True)]  # by expert, then token order
-        counts = torch.bincount(flat_expert[picked], minlength=self.w1.shape[0]).tolist()
-        rows = token[picked]
-        y = expert_ffn(x[rows], counts, self.w1, self.w3, self.w2)
-        return torch.zeros_like(x).index_add_(0, rows, y * flat_weight[picked].unsqueeze(-1).to(y.dtype))
+        return combine_experts(x, weights, experts, self.w1, self.w3, self.w2)
+
+
+def combine_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
+                    w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x [N, h]; weights/experts [N, k] (expert -1: dropped) -> sum_k weights * expert_k(x) [N, h], the
+    experts given by their stacked weights (under tensor parallelism, this rank's slice of their width)."""
+    flat_expert = experts.reshape(-1)
+    flat_weight = weights.reshape(-1)
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
+    picked = (flat_expert >= 0).nonzero().squeeze(-1)
+    picked = picked[torch.argsort(flat_expert[picked], stable=True)]  # by expert, then token order
+    counts = torch.bincount(flat_expert[picked], minlength=w1.shape[0]).tolist()
+    rows = token[picked]
+    y = expert_ffn(x[rows], counts, w1, w3, w2)
+    return torch.zeros_like(x).index_add_(0, rows, y * flat_weight[picked].unsqueeze(-1).to(y.dtype))
 
 
 class MoEFeedForward(nn.Module):

@@ -109,6 +109,11 @@ LAYOUTS = [
     Layout("moe_residual_dropless_ep2", 2, 2, ("parallel.expert.size=2",), reference=MOE_RESIDUAL),
     Layout("bf16_moe_ep2", 2, 2, ("parallel.expert.size=2",), reference=(*MOE, *BF16), tolerance=BF16_TOL),
     # MoE under pipeline parallelism: each stage's load-balancing loss joins its own backward
+    # MoE under tensor parallelism: experts split over their FFN width, every token routed on every rank
+    Layout("moe_tp2_msp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'"), reference=MOE),
+    Layout("moe_tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'"), reference=MOE),
+    Layout("moe_residual_dropless_tp2_msp", 2, 1, ("parallel.tensor.size=2",), reference=MOE_RESIDUAL),
+    Layout("moe_ep2_tp2", 4, 2, ("parallel.expert.size=2", "parallel.tensor.size=2"), reference=MOE),
     Layout("moe_pp2", 2, 1, ("parallel.pipeline.size=2",), reference=MOE),
     Layout("moe_ep2_pp2", 4, 2, ("parallel.expert.size=2", "parallel.pipeline.size=2"), reference=MOE),
     Layout("moe_pp2_interleaved_checkpoint", 2, 1, ("parallel.pipeline.size=2", "model.num_chunks=2",
