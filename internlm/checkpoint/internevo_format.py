@@ -3,7 +3,7 @@ a folder written by InternEvo's checkpoint manager, merged and loaded into our m
 
 What such a folder holds (InternEvo's internlm/checkpoint/components.py, save_model_checkpoint): one
 file `model_tp{t}_pp{p}.pt` per tensor-parallel rank t and pipeline stage p, each the state dict of
-that rank's model chunk (optimizer, sampler and context files beside them are not read here). Inside:
+that rank's model chunk (the context, sampler and scheduler files beside them: internevo_state.py). Inside:
 
 - InternLM2 (model_type INTERNLM2_PUBLIC, modeling_internlm2.py): `tok_embeddings.weight`,
   `layers.{i}.attention.wqkv.weight`, `layers.{i}.attention.wo.weight`,
@@ -75,12 +75,20 @@ def is_internevo_dir(path) -> bool:
     return p.is_dir() and not is_own_format(p) and any(MODEL_FILE_RE.match(f.name) for f in p.iterdir())
 
 
+def load_error(path: Path, exc: Exception) -> CheckpointError:
+    """A failed torch.load(weights_only=True) of `path`, worded with the line of torch's message that says
+    what was refused (its first line is the same advice for every refusal)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    marks = ("GLOBAL", "Unsupported", "Can only build", "WeightsUnpickler")
+    why = next((x for x in lines if any(m in x for m in marks)), lines[0] if lines else type(exc).__name__)
+    return CheckpointError(f"cannot read {path} (read with torch.load(weights_only=True)): {why}")
+
+
 def _load(path: Path, what: str = "a dict of tensors"):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a refused pickle, a truncated file ...: name the file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path} (read with torch.load(weights_only=True)): {first}") from None
+        raise load_error(path, exc) from None
     if what == "a dict of tensors" and (not isinstance(obj, dict)
                                         or not all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise CheckpointError(f"{path} does not hold a dict of tensors (InternEvo's model_tp*_pp*.pt do).")

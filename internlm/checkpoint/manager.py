@@ -268,12 +268,49 @@ class CheckpointManager:
             logger.info(f"loaded Meta Llama weights from {path}")
 
     def _load_internevo(self, path, content) -> None:
-        if set(content) != {"model"}:
-            raise CheckpointError(f"{path} is an InternEvo checkpoint folder: only its model weights can be loaded so "
-                                  f"far; set ckpt.load_ckpt_info content=('model',) (got {tuple(content)!r})")
-        internevo_format.load_internevo_into_parts(self.model_parts, path)
+        """InternEvo's own folder: the model, and with "sampler"/"scheduler" its progress
+        (internevo_state.py: the step, tokens and data position; the optimizer state is refused)."""
+        from internlm.checkpoint import internevo_state
+
+        internevo_state.check_content(path, content)
+        progress = internevo_state.read_progress(path) if set(content) - {"model"} else None
+        loaded = []
+        if "model" in content:
+            internevo_format.load_internevo_into_parts(self.model_parts, path)
+            loaded.append("model weights")
+        if progress is not None:  # as InternEvo: any content beyond the model loads the train state (context.pt)
+            self.train_state.step, self.train_state.consumed_tokens = progress.step, progress.consumed_tokens
+            loaded.append(f"step {progress.step}, {progress.consumed_tokens} tokens")
+        if progress is not None and "sampler" in content:
+            self._continue_internevo_data(path, progress)
+            loaded.append(f"data at epoch {progress.epoch} row {progress.samples_in_epoch}")
+        if progress is not None and "scheduler" in content:
+            step = progress.step
+            self.lr_scheduler.load_state_dict({"last_epoch": step, "_step_count": step + 1})
+            beta2 = self.beta2_scheduler
+            beta2.load_state_dict({"cur_iter": step, "init_beta2": beta2.init_beta2, "c": beta2.c})
+            loaded.append(f"the LR schedule at step {step}")
+            config_lr = self.optimizer.param_groups[0].get("initial_lr")
+            if progress.base_lr is not None and config_lr is not None and progress.base_lr != config_lr \
+                    and self.rank == 0:
+                logger.warning(f"InternEvo's scheduler had base lr {progress.base_lr}; following the config's "
+                               f"adam.lr={config_lr} (as InternEvo's own load_scheduler does)")
         if self.rank == 0:
-            logger.info(f"loaded InternEvo model weights from {path}")
+            logger.info(f"loaded from InternEvo folder {path}: {'; '.join(loaded)}"
+                        + ("; optimizer moments start fresh" if progress is not None else ""))
+
+    def _continue_internevo_data(self, path, progress) -> None:
+        state = dict(self.train_loader.state_dict())
+        if state.get("kind") == "streaming":
+            raise CheckpointError(f"{path}: InternEvo's data position counts packed samples of .bin data; it cannot "
+                                  f"place a streaming run (data.type='streaming'): load content=('model', "
+                                  f"'scheduler') instead")
+        if progress.samples_in_epoch > state["num_rows"]:
+            raise CheckpointError(f"{path}: InternEvo had consumed {progress.samples_in_epoch} packed rows of epoch "
+                                  f"{progress.epoch}, but this dataset has {state['num_rows']} (is it the same data, "
+                                  f"seq_len and packing?)")
+        state.update(epoch=progress.epoch, rows_consumed_in_epoch=progress.samples_in_epoch)
+        self.train_loader.load_state_dict(state)
 
     def load(self, info: layout.CheckpointInfo, content) -> None:
         """Load `content` (model, optimizer, scheduler, sampler or all) from a checkpoint checked by
