@@ -74,6 +74,20 @@ class _GatherTokens(torch.autograd.Function):
         return grad + g_router.narrow(1, ctx.rank * n, n), None, None, None
 
 
+class _GatherSeq(torch.autograd.Function):
+    """Sequence shards -> the whole sequence on every rank; backward sums the ranks' gradients of this
+    rank's shard (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size: int):
+        ctx.group, ctx.size = group, size
+        return _all_gather_seq(x, group, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group, ctx.size), None, None
+
+
 class _ScatterTokens(torch.autograd.Function):
     """msp: partial sums over the FFN width -> this rank's sequence shard of their sum."""
 

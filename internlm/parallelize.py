@@ -187,6 +187,9 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
                                     window=dims.window, interleaved=dims.interleaved)
         else:
             apply_sequence_parallel(model, mesh["tp"].get_group(), dims.isp)
+        from internlm.moe_sequence_parallel import route_over_sequence
+
+        route_over_sequence(model, mesh["tp"].get_group(), dims.isp, dims)  # MoE layers route whole micro-batches
     experts = None
     if dims.ep > 1:
         from internlm.expert_parallel import apply_expert_parallel

@@ -262,7 +262,7 @@ class Trainer:
         if self.moe:
             pipelined = self.dims.pp > 1  # (each stage records its own layers)
             m.update(self.moe.reduce(self.world_size, batch["input_ids"].shape[0] if pipelined else None,
-                                     self.dims.dp, duplicates=self.dims.tensor_parallel))
+                                     self.dims.dp, duplicates=self.dims.tp))
         m.update(self.guard.observe(self.step, loss, grad_norm, stepped, self.optimizer.loss_scale))
         return m
 

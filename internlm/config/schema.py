@@ -304,7 +304,8 @@ class ExpertConfig:
                        "all-to-all (-1/0: the data-parallel size, capped at num_experts; 1: every rank holds all "
                        "experts, sharded by zero1 like every weight); doc/moe.md", ge=-1)
     no_tp: bool = key(False, "InternEvo's experts without tensor parallelism",
-                      inert="MoE models run without tensor parallelism here")
+                      inert="experts are split over the tensor-parallel ranks by their FFN width here "
+                            "(doc/moe.md)")
 
 
 @dataclass(frozen=True, kw_only=True)

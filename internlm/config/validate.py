@@ -121,6 +121,11 @@ def validate(cfg, world_size: int | None = None) -> None:
 
     dp = world_size // (tp * pp)
     ep = expert_parallel_size(par.expert.size, dp, model.num_experts)
+    if model.num_experts and ep > 1 and tp > 1 and par.tensor.mode == "isp":
+        raise ConfigError(f"parallel.expert.size={par.expert.size} (expert parallelism over {ep} ranks) with "
+                          f"parallel.tensor.mode='isp' is not built yet: under isp the experts are replicated over "
+                          f"the isp group and sharded by zero1/weight.size; set parallel.expert.size=1, or use "
+                          f"parallel.tensor.mode='msp' with expert parallelism (doc/moe.md).")
     if model.num_experts and ep > 1:
         if dp % ep:
             raise ConfigError(f"parallel.expert.size={par.expert.size} does not divide the data-parallel size {dp}: "
@@ -147,7 +152,3 @@ def _check_moe(full, tp: int, pp: int) -> None:
         return
     if moe.top_k > model.num_experts:
         raise ConfigError(f"moe.top_k={moe.top_k} is larger than model.num_experts={model.num_experts}.")
-    if tp > 1 and full.parallel.tensor.mode == "isp":
-        raise ConfigError(f"parallel.tensor.mode='isp' (size {tp}) with a MoE model is not built yet: MoE models "
-                          f"train with data parallelism, Hybrid ZeRO (zero1, zero1.fsdp), expert, tensor ('mtp', "
-                          f"'msp') and pipeline parallelism today; set parallel.tensor.mode='msp' (doc/moe.md).")

@@ -42,7 +42,7 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None):
     n, num_experts = logits.shape
     probs = logits.softmax(dim=-1)
     top_p, experts = probs.topk(top_k, dim=-1)
-    weights = top_p if top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).eps)
+    weights = gate_weights(top_p)
     with torch.no_grad():
         onehot = F.one_hot(experts, num_experts)  # [N, k, E]
         load = onehot.sum(dim=(0, 1))
@@ -57,6 +57,14 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None):
     first_share = F.one_hot(experts[:, 0], num_experts).float().mean(dim=0)
     aux = num_experts * (probs.mean(dim=0) * first_share).sum()
     return weights * kept, experts, kept, aux, load
+
+
+def gate_weights(top_p: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' probabilities [N, k] -> their weights: as they are for top-1, renormalised to
+    sum to one for top-k >= 2."""
+    if top_p.shape[-1] == 1:
+        return top_p
+    return top_p / top_p.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(top_p.dtype).eps)
 
 
 USE_GROUPED_MM = True  # (tests switch it off to compare with the loop)
@@ -85,7 +93,11 @@ def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.T
         return F.grouped_mm(h, w2, offs=offs)
     parts = [F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]), w2[e])
              for e, rows in enumerate(torch.split(x, counts)) if counts[e]]
-    return torch.cat(parts) if parts else x[:0]
+    if not parts:
+        # no rows (every assignment of this rank's tokens dropped): the weights still join the graph with
+        # zero gradients, so that FSDP reduces the same gradients on every rank
+        return x[:0] + 0.0 * (w1.sum() + w3.sum() + w2.sum()).to(x.dtype)
+    return torch.cat(parts)
 
 
 def grouped_mm_in_use(device: torch.device, dtype: torch.dtype) -> bool:

@@ -114,6 +114,11 @@ LAYOUTS = [
     Layout("moe_tp2_mtp", 2, 1, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'"), reference=MOE),
     Layout("moe_residual_dropless_tp2_msp", 2, 1, ("parallel.tensor.size=2",), reference=MOE_RESIDUAL),
     Layout("moe_ep2_tp2", 4, 2, ("parallel.expert.size=2", "parallel.tensor.size=2"), reference=MOE),
+    # MoE under isp: experts on each rank's own tokens, every micro-batch routed whole (gathered logits)
+    Layout("moe_isp2", 2, 1, ISP2, reference=MOE),
+    Layout("moe_residual_dropless_isp2", 2, 1, ISP2, reference=MOE_RESIDUAL),
+    Layout("moe_isp4_head2_context2", 4, 1, ISP4 + S2D(2, 2), reference=(*MOE, *KV4)),
+    Layout("moe_isp2_pp2", 4, 1, (*ISP2, "parallel.pipeline.size=2"), reference=MOE),
     Layout("moe_pp2", 2, 1, ("parallel.pipeline.size=2",), reference=MOE),
     Layout("moe_ep2_pp2", 4, 2, ("parallel.expert.size=2", "parallel.pipeline.size=2"), reference=MOE),
     Layout("moe_pp2_interleaved_checkpoint", 2, 1, ("parallel.pipeline.size=2", "model.num_chunks=2",

@@ -130,8 +130,8 @@ MOE_KEYS = ("model_type=INTERNLM_MoE", "model.num_experts=4")
     (1, ("model_type=INTERNLM_MoE",), "needs model.num_experts >= 1"),
     (1, ("model.num_experts=4",), "needs model_type='INTERNLM_MoE'"),
     (1, (*MOE_KEYS, "moe.top_k=5"), "moe.top_k=5 is larger than model.num_experts=4"),
-    (2, (*MOE_KEYS, "parallel.tensor.size=2", "parallel.tensor.mode='isp'"),
-     "parallel.tensor.mode='isp' (size 2) with a MoE model is not built yet"),
+    (4, (*MOE_KEYS, "parallel.tensor.size=2", "parallel.tensor.mode='isp'", "parallel.expert.size=2"),
+     "parallel.expert.size=2 (expert parallelism over 2 ranks) with parallel.tensor.mode='isp'"),
     (6, (*MOE_KEYS, "parallel.expert.size=4"), "does not divide the data-parallel size 6"),
     (6, (*MOE_KEYS, "parallel.expert.size=3"), "model.num_experts=4 is not divisible by the expert-parallel size 3"),
     (1, (*MOE_KEYS, "moe.noisy_gate_policy='Jitter'"), "routing has no noise here"),
@@ -193,3 +193,21 @@ def test_grouped_gemm_experts_equal_the_loop(monkeypatch):
     assert moe.grouped_mm_in_use(torch.device("cpu"), torch.float32)
     assert not moe.grouped_mm_in_use(torch.device("cpu"), torch.bfloat16)  # CPU bf16: the loop (autocast)
     assert not moe._grouped_mm_runs(torch.randn(3, 6), torch.randn(2, 5, 6))  # rows not 16-byte multiples
+
+
+def test_a_rank_whose_tokens_are_all_dropped_still_gives_expert_gradients():
+    """Every assignment dropped (a rank's share of a micro-batch under isp or dp): the output is zero and
+    the expert weights get zero gradients, not none, so that FSDP reduces the same gradients on every
+    rank (a missing one desynchronised the ranks' reductions and hung the run)."""
+    from internlm.model.moe import combine_experts
+
+    x = torch.randn(6, 16, requires_grad=True)
+    w1, w3 = (torch.randn(4, 24, 16, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(4, 16, 24, requires_grad=True)
+    weights = torch.rand(6, 2)
+    chosen = torch.full((6, 2), -1)
+    out = combine_experts(x, weights, chosen, w1, w3, w2)
+    assert out.shape == x.shape and out.abs().sum() == 0
+    out.sum().backward()
+    for w in (w1, w3, w2):
+        assert w.grad is not None and w.grad.abs().sum() == 0
