@@ -262,15 +262,18 @@ def ring_attention(q, k, v, pieces, windows, group, scale=None):
 class RingAttention:
     """An attention kernel (q, k, v, plan -> out) for context-parallel inputs: q/k/v [B, T/C, H, D]
     hold this rank's `context_indices` of each row. The sample ids and global order of every rank's
-    tokens come from the gathered position ids, once per forward (kept on the plan, with the pieces
-    each block computes)."""
+    tokens come from the gathered position ids, once per forward (kept on the plan's positions tensor,
+    with the pieces each block computes)."""
 
     def __init__(self, group, size: int, zigzag: bool, window: int = 1, interleaved: bool = False):
         self.group, self.size, self.zigzag = group, size, zigzag
         self.windows = ring_windows(size, window, interleaved)
 
     def layout(self, plan, chunk: int):
-        cached = getattr(plan, "_context_parallel_layout", None)
+        # kept on the positions tensor, which every layer's plan shares (FSDP hands each block a copy of
+        # the plan dataclass: kept on the plan, it was gathered and computed again in every layer)
+        key = plan.position_ids
+        cached = getattr(key, "_context_parallel_layout", None)
         if cached is None or cached[0] != chunk:
             local = plan.position_ids.contiguous()  # [B, T/C]
             parts = [torch.empty_like(local) for _ in range(self.size)]
@@ -287,7 +290,7 @@ class RingAttention:
             segs = [_segments(seg_full[:, i].reshape(-1), order_full[:, i].reshape(-1)) for i in index]
             rank = dist.get_rank(self.group)
             cached = (chunk, [_pieces(segs[rank], segs[src], chunk) for src in range(self.size)])
-            plan._context_parallel_layout = cached
+            key._context_parallel_layout = cached
         return cached[1]
 
     def __call__(self, q, k, v, plan):

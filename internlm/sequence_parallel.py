@@ -71,20 +71,23 @@ def heads_to_seq(x: torch.Tensor, group, size: int) -> torch.Tensor:
 
 class UlyssesAttention:
     """Wraps an attention kernel (q, k, v, plan -> out) for sequence-parallel inputs: the plan of the
-    whole sequence is made once per forward from the gathered positions and kept on the local plan
-    (recomputation in backward reuses it)."""
+    whole sequence is made once per forward from the gathered positions and kept on the local positions
+    tensor, which every layer's plan shares (FSDP's input cast hands each block a copy of the plan
+    dataclass, so a plan kept on the dataclass was gathered again in every layer); recomputation in
+    backward reuses it."""
 
     def __init__(self, inner, group, size: int):
         self.inner, self.group, self.size = inner, group, size
 
     def full_plan(self, plan: AttentionPlan) -> AttentionPlan:
-        full = getattr(plan, "_sequence_parallel_plan", None)
+        key = plan.position_ids
+        full = getattr(key, "_sequence_parallel_plan", None)
         if full is None:
-            local = plan.position_ids.contiguous()
+            local = key.contiguous()
             parts = [torch.empty_like(local) for _ in range(self.size)]
             dist.all_gather(parts, local, group=self.group)
             full = plan_attention(torch.cat(parts, dim=1), plan.backend, plan.upcast)
-            plan._sequence_parallel_plan = full
+            key._sequence_parallel_plan = full
         return full
 
     def __call__(self, q, k, v, plan: AttentionPlan):

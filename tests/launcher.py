@@ -50,6 +50,7 @@ class RunResult:
     stderr: str
     seconds: float
     records: list = field(default_factory=list)  # metrics.jsonl of the run ([] when there is none)
+    run_folder: Path | None = None
 
     @property
     def out(self) -> str:
@@ -184,7 +185,7 @@ class Started:
             self._forget()
         return RunResult(-9 if note else self.proc.returncode, self._stdout.read_text(errors="replace"),
                          self._stderr.read_text(errors="replace") + note, time.perf_counter() - self.t0,
-                         self.records())
+                         self.records(), self.run_folder)
 
     def _forget(self):
         with _LIVE_LOCK:

@@ -1,6 +1,7 @@
 """Train an InternLM-family model from a config file.
 
-    python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [--profiling] [KEY=VALUE ...]
+    python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [--profiling] [--count-comm]
+                    [KEY=VALUE ...]
     torchrun --nproc_per_node 8 train.py --config configs/7B_sft.py parallel.tensor.size=2
     srun -N 2 --ntasks-per-node 8 python train.py --config configs/7B_sft.py --launcher slurm --port 29500
 
@@ -24,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--profiling", action="store_true",
                    help="write a torch profiler trace of a few steps (and a CUDA memory snapshot) to "
                         "<run folder>/profile")
+    p.add_argument("--count-comm", action="store_true",
+                   help="count the bytes each rank sends in the run's second step, by collective kind, into "
+                        "<run folder>/comm/rank<R>.json (tools/plan.py --explain compares them with the plan)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the layout for --world-size processes, print them, exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -60,10 +64,11 @@ def main(argv=None) -> int:
         return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     from internlm.errors import run_guarded
 
-    return run_guarded(lambda: train(cfg, args.launcher, args.port, args.profiling))
+    return run_guarded(lambda: train(cfg, args.launcher, args.port, args.profiling, args.count_comm))
 
 
-def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool = False) -> None:
+def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool = False,
+          count_comm: bool = False) -> None:
     """Build the trainer and run it, with the Feishu alerts of `monitor.alert` around the whole run
     (start, failure, end) and on its events, and the step profiler of --profiling."""
     from internlm.alert import Alerts, rank_from_env
@@ -81,11 +86,19 @@ def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool
             profiler = StepProfiler(trainer.run_folder, trainer.rank, trainer.device, first_step=trainer.step)
             trainer.step_hooks.append(profiler.after_step)
             profiler.start()
+        counter = None
+        if count_comm:
+            from internlm.comm_count import StepCommCounter
+
+            counter = StepCommCounter(trainer.run_folder, trainer.rank, first_step=trainer.step)
+            trainer.step_hooks.append(counter.after_step)
         try:
             trainer.fit()
         finally:
             if profiler is not None:
                 profiler.stop()
+            if counter is not None:
+                counter.stop()
         alerts.finished(trainer.step, cfg.data.total_steps)
 
 

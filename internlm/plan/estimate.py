@@ -119,6 +119,105 @@ def _groups_bandwidth(dims: ParallelDims, hw: Hardware, gpus_per_node: int) -> d
     return {k: (intra if v <= gpus_per_node else inter) for k, v in span.items()}
 
 
+def comm_by_kind(comm: dict) -> dict:
+    """A plan's bytes by mesh dimension and collective ("tp/all_reduce") -> by collective kind, the keys
+    `train.py --count-comm` writes: msp's all-gather + reduce-scatter pairs split evenly, send_recv ->
+    send."""
+    out: dict = {}
+    for key, value in comm.items():
+        kind = key.split("/", 1)[1]
+        parts = {"all_gather+reduce_scatter": {"all_gather": 0.5, "reduce_scatter": 0.5},
+                 "send_recv": {"send": 1.0}}.get(kind, {kind: 1.0})
+        for k, share in parts.items():
+            out[k] = out.get(k, 0.0) + share * value
+    return out
+
+
+def fsdp_group_sizes(dims: ParallelDims) -> tuple[int, int]:
+    """(shard, replicate) sizes of FSDP's mesh: dp_shard x dp_replicate, or under isp dp_shard x wp and
+    dp_replicate x tp / wp (ParallelDims.fsdp_mesh)."""
+    if dims.isp > 1:
+        return dims.dp_shard * dims.wp, dims.dp_replicate * dims.tp // dims.wp
+    return dims.dp_shard, dims.dp_replicate
+
+
+def pipeline_sends(dims: ParallelDims, stage_ids: list[int]) -> int:
+    """Activations or gradients a pipeline rank sends per micro-batch: a stage's output to the next stage
+    and its input's gradient to the previous one, where that stage is on another rank (ZBV keeps the
+    turn of its V on one rank)."""
+    num_stages = dims.pp * dims.num_chunks
+    mine = set(stage_ids)
+    return sum((sid + 1 < num_stages and sid + 1 not in mine) + (sid > 0 and sid - 1 not in mine)
+               for sid in stage_ids)
+
+
+def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int) -> dict:
+    """Bytes one rank of pipeline stage `s0` sends per step, by mesh dimension and collective, under the
+    ring model (an all-gather sends (n-1) shards, a reduce-scatter (n-1)/n of its input, an all-reduce
+    twice that); `train.py --count-comm` counts the same quantity on a real run, and
+    tests/parallel/test_plan_comm.py holds the two together. Collectives of a few numbers (loss and
+    gradient-norm reductions) are left out."""
+    data = cfg.data
+    tokens, micro_num = data.micro_bsz * data.seq_len, data.micro_num
+    h = args.hidden_size
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_kv_attention_heads * args.head_dim
+    comm: dict = {}
+    if dims.fsdp:
+        shard, replicate = fsdp_group_sizes(dims)
+        numel = s0.compute_numel - s0.expert_numel  # expert-parallel experts are not FSDP's
+        # forward gathers every unit; with reshard after forward, backward gathers them again except
+        # each model part's last block, which FSDP keeps
+        gathered = numel + (numel - s0.last_blocks_numel if dims.reshard_after_forward else 0)
+        comm["dp_shard/all_gather"] = micro_num * _ring(act_bytes * gathered, shard)
+        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * numel, shard)
+        if replicate > 1:
+            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(4 * (s0.stored_numel - s0.expert_numel),
+                                                                    replicate)
+    if dims.tensor_parallel > 1:
+        x = tokens * h * act_bytes
+        # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs, the
+        # same bytes); the embedding's output (forward) and the head's input (backward) once each
+        n = 4 * s0.num_layers + s0.first + s0.last
+        main = "tp/all_reduce" if not dims.sequence_parallel else "tp/all_gather+reduce_scatter"
+        comm[main] = micro_num * n * 2 * _ring(x, dims.tp)
+        if s0.moe_layers:  # MoE: the routing weights' (and mixing coefficients') gradients summed over tp
+            moe = micro_num * s0.moe_layers * 2 * _ring(tokens * 4 * (args.top_k + 2 * args.moe_use_residual),
+                                                              dims.tp)
+            comm["tp/all_reduce"] = comm.get("tp/all_reduce", 0.0) + moe
+    if dims.isp > 1:
+        local = tokens / dims.isp
+        head, context = dims.head, dims.context
+        gathers = micro_num * local * s0.moe_layers * args.num_experts * 4 * (dims.isp - 1)  # MoE router logits
+        if head > 1:
+            # Ulysses over the head group: q, k, v to head-parallel and the output back, forward and backward;
+            # the whole sequence's positions (int64) for the attention plan once per micro-batch
+            per_layer = 2 * (local * (q + 2 * kv) + local * q) * act_bytes
+            comm["tp/all_to_all"] = micro_num * s0.num_layers * per_layer * (head - 1) / head
+            gathers += micro_num * (head - 1) * local * 8
+        if context > 1:
+            # ring attention over the context group on this rank's context chunk and head share: forward
+            # passes k and v (kv heads repeated to the query heads) round the ring; backward passes them with
+            # their fp32 gradients round it again and home (double ring: inner rounds and outer hops)
+            nw, w = context // dims.window, dims.window
+            block = tokens / context * q / head  # elements of k (or v) a rank holds
+            hops_f = nw * (w - 1) + (nw - 1)
+            hops_b = nw * (w if w > 1 else 0) + (nw if nw > 1 else 0)
+            comm["context/send_recv"] = micro_num * s0.num_layers * block * (
+                hops_f * 2 * act_bytes + hops_b * 2 * (act_bytes + 4))
+            gathers += micro_num * (context - 1) * tokens / context * 8  # positions for the ring's pieces
+        comm["tp/all_gather"] = gathers
+    if dims.ep > 1 and s0.moe_layers:
+        # each routed token (top_k per token) to its expert's rank and back, forward and backward, with
+        # routing spread evenly ((ep-1)/ep leave the rank) and nothing dropped; plus the expert ids (int64)
+        leave = tokens * args.top_k * (dims.ep - 1) / dims.ep
+        comm["ep/all_to_all"] = micro_num * s0.moe_layers * leave * (4 * h * act_bytes + 8)
+    if dims.pp > 1:
+        comm["pp/send_recv"] = micro_num * pipeline_sends(dims, s0.stage_ids) * tokens * h * act_bytes / (
+            dims.tp if (dims.sequence_parallel or dims.isp > 1) else 1)
+    return comm
+
+
 def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[StageShapes] | None = None) -> Plan:
     """Predict one step of `cfg` (its layout keys applied) on `gpus` accelerators of kind `hw`."""
     from internlm.config import validate
@@ -186,29 +285,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     global_tokens = tokens * micro_num * dims.dp
 
     # ---- communication per step (bytes sent by one rank) ----------------------------------------------
-    comm: dict = {}
     s0 = shapes[peak_stage]
-    if dims.fsdp:
-        gathers = 2 if dims.reshard_after_forward else 1
-        comm["dp_shard/all_gather"] = micro_num * gathers * _ring(act_bytes * s0.compute_numel, dims.dp_shard)
-        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * s0.compute_numel, dims.dp_shard)
-        if dims.dp_replicate > 1:
-            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(4 * s0.stored_numel, dims.dp_replicate)
-    if dims.tensor_parallel > 1:
-        x = tokens * h * act_bytes
-        # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs,
-        # the same bytes); embedding output and head input once each way
-        n = 4 * s0.num_layers + 2 * (s0.first + s0.last)
-        comm["tp/all_reduce" if not dims.sequence_parallel else "tp/all_gather+reduce_scatter"] = \
-            micro_num * n * 2 * _ring(x, dims.tp)
-    if dims.isp > 1:
-        local = tokens / dims.isp
-        # Ulysses: q, k, v to head-parallel and the output back, forward and backward
-        per_layer = 2 * (local * (q + 2 * kv) + local * q) * act_bytes
-        comm["tp/all_to_all"] = micro_num * s0.num_layers * per_layer * (dims.isp - 1) / dims.isp
-    if dims.pp > 1:
-        comm["pp/send_recv"] = micro_num * len(s0.stage_ids) * 2 * tokens * h * act_bytes / (
-            dims.tp if (dims.sequence_parallel or dims.isp > 1) else 1)
+    comm = communication(cfg, dims, args, s0, act_bytes)
 
     # ---- time -----------------------------------------------------------------------------------------
     bw = _groups_bandwidth(dims, hw, gpus_per_node)
@@ -238,8 +316,11 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     recompute = micro_num * parts["recompute"]
     busy = compute + recompute
     exposed = 0.0
-    tp_bytes = sum(v for k, v in comm.items() if k.startswith("tp/"))
-    exposed += tp_bytes / bw["tp"]  # on the critical path: each block waits for its collectives
+    tp_bytes = sum(v for k, v in comm.items() if k.startswith(("tp/", "context/")))
+    # on the critical path: each block waits for its collectives (tensor/sequence parallel within the tp
+    # group, expert dispatch across data-parallel ranks)
+    critical = tp_bytes / bw["tp"] + comm.get("ep/all_to_all", 0.0) / bw["dp_shard"]
+    exposed += critical
     fsdp_time = sum(v / bw[k.split("/")[0]] for k, v in comm.items() if k.startswith("dp_"))
     if fsdp_time:
         blocks = max(s0.num_layers, 1)
@@ -250,7 +331,7 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     optimizer = 40 * s0.stored_numel / hbm  # AdamW reads/writes weights, grads and two states in fp32
     step = busy + exposed + pp_time + bubble + optimizer
     time_s = {"compute": compute, "recompute": recompute, "exposed_comm": exposed + pp_time, "bubble": bubble,
-              "optimizer": optimizer, "step": step, "comm_total": tp_bytes / bw["tp"] + fsdp_time + pp_time,
+              "optimizer": optimizer, "step": step, "comm_total": critical + fsdp_time + pp_time,
               "gemm": micro_num * parts["gemm"], "attention": micro_num * parts["attention"],
               "elementwise": micro_num * parts["elementwise"]}
     rates = step_throughput(args, m, tokens=global_tokens, step_time_s=step, world_size=gpus, seq_len=data.seq_len,

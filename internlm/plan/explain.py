@@ -7,7 +7,9 @@ What is read from the run folder the trainer wrote:
   the tokens of one step and the layout (`dp * micro_num * micro_bsz * seq_len` tokens per step);
 - `profile/trace_rank0_steps*.json` when the run had `--profiling`: per profiled step, the time of the
   communication kernels (`nccl*` on GPUs, `gloo:*` on CPUs, overlapped with compute or not), of the
-  optimizer step, and the step itself.
+  optimizer step, and the step itself;
+- `comm/rank<R>.json` when the run had `--count-comm`: the bytes the peak pipeline stage's first rank
+  sent in one step, by collective kind (internlm/comm_count.py), next to the plan's.
 
 Each part's ratio measured / predicted is printed, and the part furthest from 1 is named with what
 usually explains such a gap. The measured peak is what the process held: on CPU it is the resident set
@@ -158,6 +160,7 @@ def explain(folder, hw, gpus_per_node: int = 8) -> Explanation:
         ex.rows.append(("optimizer", m.optimizer_s, t["optimizer"], "s"))
     if m.peak_gib is not None:
         ex.rows.append(("peak memory", m.peak_gib, p.memory_gib["total"], "GiB"))
+    ex.rows += _comm_rows(folder, cfg, m.world_size, p)
     candidates = [(abs(math.log(a / b)), name, a / b) for name, a, b, _ in ex.rows
                   if name in HINTS and a > 0 and b > 0]
     if candidates:
@@ -165,6 +168,23 @@ def explain(folder, hw, gpus_per_node: int = 8) -> Explanation:
         ex.largest_gap = f"{name}: measured {ratio:.2f}x the prediction"
         ex.hint = HINTS[name] if ratio > 1 else "the run beats the plan here: the hardware model is conservative"
     return ex
+
+
+def _comm_rows(folder: Path, cfg, world_size: int, p) -> list[tuple]:
+    """With `train.py --count-comm`: the bytes the peak stage's first rank sent in the counted step, by
+    collective kind, next to the plan's."""
+    from internlm.parallel_dims import ParallelDims
+    from internlm.plan.estimate import comm_by_kind
+
+    dims = ParallelDims.from_config(cfg, world_size)
+    path = folder / "comm" / f"rank{p.peak_stage * dims.dp * dims.tp}.json"
+    if not path.is_file():
+        return []
+    counted = json.loads(path.read_text())["bytes"]
+    planned = comm_by_kind(p.comm_bytes)
+    mib = 2**20
+    return [(f"sent {kind}", counted.get(kind, 0.0) / mib, planned.get(kind, 0.0) / mib, "MiB/step")
+            for kind in sorted(set(counted) | set(planned)) if counted.get(kind) or planned.get(kind)]
 
 
 def report(ex: Explanation) -> list[str]:

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from internlm import builders, pipeline
 from internlm.config import torch_dtype
 from internlm.model.internlm import InternLM
+from internlm.model.moe import moe_layers
 from internlm.parallel_dims import ParallelDims
 from internlm.parallelize import parallelize
 
@@ -34,6 +35,9 @@ class StageShapes:
     compute_numel: int  # local elements a forward uses: after TP and PP, before ZeRO/FSDP sharding
     largest_block_numel: int  # compute elements of the largest transformer block (FSDP's unit)
     param_names: list[str] = field(default_factory=list)
+    last_blocks_numel: int = 0  # compute elements of each model part's last block (FSDP keeps them gathered)
+    expert_numel: int = 0  # local elements of expert-parallel experts (left out of FSDP)
+    moe_layers: int = 0  # MoE feed-forward layers on this rank
 
 
 @contextlib.contextmanager
@@ -84,7 +88,8 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
             mid = out[1]
             ids = pipeline.stage_ids_of_rank(pp_rank, dims.pp, dims.num_chunks, dims.pp_mode)
             out.append(StageShapes(pp_rank, ids, mid.num_layers, False, False, mid.stored_numel, mid.compute_numel,
-                                   mid.largest_block_numel, mid.param_names))
+                                   mid.largest_block_numel, mid.param_names, mid.last_blocks_numel,
+                                   mid.expert_numel, mid.moe_layers))
             continue
         rank = pp_rank * dims.dp * dims.tp
         with fake_world(dims.world_size, rank):
@@ -96,7 +101,7 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
                 parts = [pipeline.build_stage_module(full, sid, num_stages) for sid in ids]
             else:
                 ids, parts = [0], [full]
-            stored = compute = largest = layers = 0
+            stored = compute = largest = layers = last_blocks = experts = n_moe = 0
             names = []
             for part in parts:
                 parallelize(part, dims, mesh, cfg.model, dtype, cfg.hybrid_zero_optimizer)
@@ -104,11 +109,18 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
                     stored += _stored_numel(p)
                     compute += _compute_numel(p)
                     names.append(name)
-                for block in part.layers.values():
+                    if isinstance(p, DTensor) and "ep" in (p.device_mesh.mesh_dim_names or ()):
+                        experts += _stored_numel(p)
+                blocks = list(part.layers.values())
+                for block in blocks:
                     largest = max(largest, sum(_compute_numel(p) for p in block.parameters()))
+                if blocks:
+                    last_blocks += sum(_compute_numel(p) for p in blocks[-1].parameters())
                 layers += len(part.layers)
+                n_moe += len(moe_layers(part))
             out.append(StageShapes(pp_rank, ids, layers, first=0 in ids, last=num_stages - 1 in ids,
                                    stored_numel=stored, compute_numel=compute, largest_block_numel=largest,
-                                   param_names=names))
+                                   param_names=names, last_blocks_numel=last_blocks, expert_numel=experts,
+                                   moe_layers=n_moe))
             dims._fsdp_mesh = dims._sp_groups = dims._expert_mesh = None  # meshes of the fake group
     return out

@@ -185,7 +185,7 @@ def test_explain_reads_a_finished_run_against_its_plan(tmp_path, capsys):
     from tests import launcher
 
     cfg = write_config(tmp_path, data=dict(total_steps=6))
-    run = launcher.run(2, ["--profiling"], tmp_path, config=cfg, timeout=240)
+    run = launcher.run(2, ["--profiling", "--count-comm"], tmp_path, config=cfg, timeout=240)
     assert run.returncode == 0, run.tail()
     folder = tmp_path / "run"
     out = tmp_path / "explain.json"
@@ -199,7 +199,12 @@ def test_explain_reads_a_finished_run_against_its_plan(tmp_path, capsys):
     assert trace["steps"] == 3 and 0 < trace["comm_s"] < trace["step_s"] and trace["optimizer_s"] > 0
     assert m["comm_s"] == pytest.approx(trace["comm_s"])
     rows = {r[0]: r for r in res["rows"]}
-    assert set(rows) == {"step time", "TGS", "MFU", "communication", "optimizer", "peak memory"}
+    assert {"step time", "TGS", "MFU", "communication", "optimizer", "peak memory"} <= set(rows)
+    # --count-comm: the bytes rank 0 sent in step 2, by kind, next to the plan's (FSDP's, exactly)
+    counted = json.loads((folder / "comm" / "rank0.json").read_text())["bytes"]
+    for kind in ("all_gather", "reduce_scatter"):
+        assert rows[f"sent {kind}"][1] == pytest.approx(counted[kind] / 2**20)
+        assert rows[f"sent {kind}"][2] == pytest.approx(rows[f"sent {kind}"][1], rel=1e-6)
     assert rows["communication"][2] > 0  # the plan's FSDP traffic of dp=2
     assert res["layout"].startswith("tp=1 pp=1 dp=2 zero1=2")
     assert "largest gap: " in text and res["largest_gap"].split(":")[0] in rows
