@@ -1,7 +1,7 @@
 """Train an InternLM-family model from a config file.
 
     python train.py --config configs/demo.py [--launcher torch|slurm] [--seed N] [--profiling] [--count-comm]
-                    [KEY=VALUE ...]
+                    [--track-memory] [KEY=VALUE ...]
     torchrun --nproc_per_node 8 train.py --config configs/7B_sft.py parallel.tensor.size=2
     srun -N 2 --ntasks-per-node 8 python train.py --config configs/7B_sft.py --launcher slurm --port 29500
 
@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--count-comm", action="store_true",
                    help="count the bytes each rank sends in the run's second step, by collective kind, into "
                         "<run folder>/comm/rank<R>.json (tools/plan.py --explain compares them with the plan)")
+    p.add_argument("--track-memory", action="store_true",
+                   help="record the tensor memory each rank holds at its peak in the run's second step, by kind, "
+                        "into <run folder>/memory/rank<R>.json (tools/plan.py --explain compares it with the plan)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config and the layout for --world-size processes, print them, exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -64,11 +67,12 @@ def main(argv=None) -> int:
         return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     from internlm.errors import run_guarded
 
-    return run_guarded(lambda: train(cfg, args.launcher, args.port, args.profiling, args.count_comm))
+    return run_guarded(lambda: train(cfg, args.launcher, args.port, args.profiling, args.count_comm,
+                                     args.track_memory))
 
 
 def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool = False,
-          count_comm: bool = False) -> None:
+          count_comm: bool = False, track_memory: bool = False) -> None:
     """Build the trainer and run it, with the Feishu alerts of `monitor.alert` around the whole run
     (start, failure, end) and on its events, and the step profiler of --profiling."""
     from internlm.alert import Alerts, rank_from_env
@@ -92,6 +96,17 @@ def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool
 
             counter = StepCommCounter(trainer.run_folder, trainer.rank, first_step=trainer.step)
             trainer.step_hooks.append(counter.after_step)
+        if track_memory and trainer.dims.pp > 1 and trainer.dims.pp_mode in ("zbh1", "zbv"):
+            logger_notice(f"--track-memory is off for parallel.pipeline.mode={trainer.dims.pp_mode!r}: PyTorch's "
+                          f"MemTracker cannot follow the zero-bubble schedules' split backward (autograd.grad)")
+            track_memory = False
+        if track_memory:
+            from internlm.memory_probe import StepMemoryTracker
+
+            memory = StepMemoryTracker(trainer.run_folder, trainer.rank, trainer.model_parts,
+                                       trainer.optimizer.part_optimizers, first_step=trainer.step,
+                                       later=1 if count_comm else 0)
+            trainer.step_hooks.append(memory.after_step)
         try:
             trainer.fit()
         finally:
@@ -99,7 +114,15 @@ def train(cfg, launcher: str = "torch", port: int | None = None, profiling: bool
                 profiler.stop()
             if counter is not None:
                 counter.stop()
+            if track_memory:
+                memory.stop()
         alerts.finished(trainer.step, cfg.data.total_steps)
+
+
+def logger_notice(text: str) -> None:
+    from internlm.log import logger
+
+    logger.warning(f"notice: {text}")
 
 
 def dry_run(cfg, world_size: int) -> int:

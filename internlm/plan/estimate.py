@@ -71,10 +71,16 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
       SwiGLU: w1 out, silu out, w3 out, product (2f each): 8f.
     Selective checkpointing keeps the matmul and attention outputs (q, k, v, attention, wo, w1, w3, w2:
     8h + 4kv + 4f at 2 bytes) and the block input; full checkpointing keeps the block input only.
-    Tensor parallelism divides the head and FFN parts; sequence parallelism (msp, isp) divides all."""
-    h, kv, f = args.hidden_size, args.num_kv_attention_heads * args.head_dim, args.intermediate_size
+    Tensor parallelism divides the head and FFN parts; sequence parallelism (msp, isp) divides all.
+    MoE: the FFN part at the active width (top_k experts per token), plus the routed rows each expert
+    keeps (its input rows and its output before weighting: 2 top_k h), twice under expert parallelism
+    (the rows received and the outputs sent back), and the router's fp32 logits and probabilities."""
+    h, kv, f = args.hidden_size, args.num_kv_attention_heads * args.head_dim, active_ffn_width(args)
     b = act_bytes / 2
     tp, seq_split = dims.tp, (dims.sequence_parallel or dims.isp > 1)
+    moe = 0.0
+    if args.num_experts:
+        moe = b * 2 * 2 * args.top_k * h * (2 if dims.ep > 1 else 1) / tp + 3 * 4 * args.num_experts
     if policy == "full":
         return residual_bytes * h / (tp if seq_split else 1)
     if policy == "selective":
@@ -82,7 +88,7 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
         return inner + residual_bytes * h / (tp if seq_split else 1)
     norms = b * 16 * h / (tp if seq_split else 1)
     inner = b * (8 * h + 8 * kv + 8 * f) / tp
-    return norms + inner
+    return norms + inner + moe
 
 
 def in_flight(dims: ParallelDims, pp_rank: int, micro_num: int) -> float:
@@ -267,13 +273,15 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
             "compute_weights": 0.0, "gradient_buffers": 0.0,
             "activations": acts,
         }
-        if act_bytes == 2:
-            if dims.fsdp and dims.reshard_after_forward:
-                mem["compute_weights"] = 2 * 2 * s.largest_block_numel  # gathered block + prefetched one
-            else:  # FSDP keeps gathered weights from forward to backward; autocast caches its casts
-                mem["compute_weights"] = 2 * s.compute_numel
-        if dims.fsdp:  # a block's unsharded gradient and its fp32 copy for the reduce-scatter
-            mem["gradient_buffers"] = (act_bytes + 4) * s.largest_block_numel
+        if dims.fsdp:
+            if dims.reshard_after_forward:  # the gathered block and the prefetched one
+                mem["compute_weights"] = act_bytes * 2 * s.largest_block_numel
+            else:  # FSDP keeps every gathered weight from forward to backward (also when it shards 1 way)
+                mem["compute_weights"] = act_bytes * (s.compute_numel - s.expert_numel)
+            # a block's unsharded gradient (and its fp32 copy for the reduce-scatter under bf16 compute)
+            mem["gradient_buffers"] = (act_bytes + (4 if act_bytes != 4 else 0)) * s.largest_block_numel
+        elif act_bytes == 2:  # autocast caches its bf16 casts of the weights for the step
+            mem["compute_weights"] = 2 * s.compute_numel
         mem["total"] = sum(mem.values())
         per_stage.append(mem)
     peak_stage = max(range(len(per_stage)), key=lambda i: per_stage[i]["total"])

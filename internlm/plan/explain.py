@@ -9,7 +9,9 @@ What is read from the run folder the trainer wrote:
   communication kernels (`nccl*` on GPUs, `gloo:*` on CPUs, overlapped with compute or not), of the
   optimizer step, and the step itself;
 - `comm/rank<R>.json` when the run had `--count-comm`: the bytes the peak pipeline stage's first rank
-  sent in one step, by collective kind (internlm/comm_count.py), next to the plan's.
+  sent in one step, by collective kind (internlm/comm_count.py), next to the plan's;
+- `memory/rank<R>.json` when the run had `--track-memory`: that rank's tensor memory at its peak in one
+  step (internlm/memory_probe.py), next to the plan's total.
 
 Each part's ratio measured / predicted is printed, and the part furthest from 1 is named with what
 usually explains such a gap. The measured peak is what the process held: on CPU it is the resident set
@@ -70,6 +72,8 @@ HINTS = {
                  "(adam.impl) or shard the states wider (zero1)",
     "peak memory": "memory beyond weights, states and activations: the runtime, allocator fragmentation, "
                    "temporary buffers (on CPU the resident set includes the Python runtime)",
+    "tensor memory": "tensors the plan does not count: compare the tracked kinds in memory/rank*.json with the "
+                     "plan's breakdown (activations of unusual kernels, temporaries)",
 }
 
 
@@ -161,6 +165,7 @@ def explain(folder, hw, gpus_per_node: int = 8) -> Explanation:
     if m.peak_gib is not None:
         ex.rows.append(("peak memory", m.peak_gib, p.memory_gib["total"], "GiB"))
     ex.rows += _comm_rows(folder, cfg, m.world_size, p)
+    ex.rows += _memory_rows(folder, cfg, m.world_size, p)
     candidates = [(abs(math.log(a / b)), name, a / b) for name, a, b, _ in ex.rows
                   if name in HINTS and a > 0 and b > 0]
     if candidates:
@@ -185,6 +190,18 @@ def _comm_rows(folder: Path, cfg, world_size: int, p) -> list[tuple]:
     mib = 2**20
     return [(f"sent {kind}", counted.get(kind, 0.0) / mib, planned.get(kind, 0.0) / mib, "MiB/step")
             for kind in sorted(set(counted) | set(planned)) if counted.get(kind) or planned.get(kind)]
+
+
+def _memory_rows(folder: Path, cfg, world_size: int, p) -> list[tuple]:
+    """With `train.py --track-memory`: the tensor memory the peak stage's first rank held at its peak."""
+    from internlm.parallel_dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg, world_size)
+    path = folder / "memory" / f"rank{p.peak_stage * dims.dp * dims.tp}.json"
+    if not path.is_file():
+        return []
+    tracked = json.loads(path.read_text())["peak_bytes"]
+    return [("tensor memory", tracked["total"] / GiB, p.memory_gib["total"], "GiB")]
 
 
 def report(ex: Explanation) -> list[str]:

@@ -185,7 +185,7 @@ def test_explain_reads_a_finished_run_against_its_plan(tmp_path, capsys):
     from tests import launcher
 
     cfg = write_config(tmp_path, data=dict(total_steps=6))
-    run = launcher.run(2, ["--profiling", "--count-comm"], tmp_path, config=cfg, timeout=240)
+    run = launcher.run(2, ["--profiling", "--count-comm", "--track-memory"], tmp_path, config=cfg, timeout=240)
     assert run.returncode == 0, run.tail()
     folder = tmp_path / "run"
     out = tmp_path / "explain.json"
@@ -207,6 +207,11 @@ def test_explain_reads_a_finished_run_against_its_plan(tmp_path, capsys):
         assert rows[f"sent {kind}"][2] == pytest.approx(rows[f"sent {kind}"][1], rel=1e-6)
     assert rows["communication"][2] > 0  # the plan's FSDP traffic of dp=2
     assert res["layout"].startswith("tp=1 pp=1 dp=2 zero1=2")
+    tracked = json.loads((folder / "memory" / "rank0.json").read_text())
+    assert tracked["step"] == 3  # the step after the counted one
+    tracked = tracked["peak_bytes"]["total"]
+    assert rows["tensor memory"][1] == pytest.approx(tracked / 2**30)
+    assert 0.85 < rows["tensor memory"][1] / rows["tensor memory"][2] < 1.15
     assert "largest gap: " in text and res["largest_gap"].split(":")[0] in rows
     # mistakes: one line, exit status 2
     assert plan_cli.main(["--explain", str(tmp_path / "nowhere"), "--gpu", "cpu"]) == 2
