@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from internlm.model.moe import MoEFeedForward, gate_weights, moe_layers, route
+from internlm.model.moe import MoEFeedForward, gate_weights, mixing_coefficients, moe_layers, route
 from internlm.moe_tensor_parallel import _all_gather_seq
 
 
@@ -80,7 +80,7 @@ class SequenceParallelMoE:
         else:
             out = layer.dispatch(layer.experts, flat, weights, chosen)
         if layer.residual_mlp is not None:
-            coef = F.linear(flat.float(), layer.coefficient.weight.float()).softmax(dim=-1).to(out.dtype)
+            coef = mixing_coefficients(flat, layer.coefficient.weight, layer.coefficient.bias).to(out.dtype)
             out = out * coef[:, :1] + layer.residual_mlp(flat) * coef[:, 1:]
         layer.aux_loss = aux
         layer.stats = dict(load=load, dropped=dropped)

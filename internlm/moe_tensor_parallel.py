@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.profiler import record_function
 
-from internlm.model.moe import MoEFeedForward, combine_experts, moe_layers, route
+from internlm.model.moe import MoEFeedForward, combine_experts, mixing_coefficients, moe_layers, route
 
 # the dimension of each weight that holds the FFN width
 WIDTH_DIM = {"w1": 1, "w3": 1, "w2": 2}  # experts: w1/w3 [E, ffn, h], w2 [E, h, ffn]
@@ -167,7 +167,7 @@ class TensorParallelMoE:
             out = layer.dispatch(layer.experts, flat, weights, chosen)
         if layer.residual_mlp is not None:
             mlp = layer.residual_mlp
-            coef = F.linear(flat_router.float(), _local(layer.coefficient.weight).float()).softmax(dim=-1)
+            coef = mixing_coefficients(flat_router, _local(layer.coefficient.weight), _local(layer.coefficient.bias))
             coef = _SumGradOverTP.apply(coef, group).to(out.dtype)
             dense = _swiglu(flat, *(_local(getattr(mlp, n).weight).to(flat.dtype) for n in ("w1", "w3", "w2")))
             out = out * coef[:, :1] + dense * coef[:, 1:]

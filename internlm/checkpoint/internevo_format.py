@@ -55,12 +55,24 @@ _IGNORED = (".inv_freq", "._cos_cached", "._sin_cached", "._cos_k_cached", "._si
 _V1_LAYER = {"mixer.out_proj.weight": "attention.wo.weight", "mixer.out_proj.bias": "attention.wo.bias",
              "mlp.w1.weight": "feed_forward.w1.weight", "mlp.w2.weight": "feed_forward.w2.weight",
              "mlp.w3.weight": "feed_forward.w3.weight", "norm1.weight": "attention_norm.weight",
-             "norm2.weight": "ffn_norm.weight"}
+             "norm2.weight": "ffn_norm.weight",
+             # INTERNLM_MoE (modeling_moe.py's MoE): the router, a residual MoE's dense FFN and mixing weights
+             "mlp.moe_layer.gate.wg.weight": "feed_forward.gate.weight",
+             "mlp.residual_mlp.w1.weight": "feed_forward.residual_mlp.w1.weight",
+             "mlp.residual_mlp.w2.weight": "feed_forward.residual_mlp.w2.weight",
+             "mlp.residual_mlp.w3.weight": "feed_forward.residual_mlp.w3.weight",
+             "mlp.coefficient.weight": "feed_forward.coefficient.weight",
+             "mlp.coefficient.bias": "feed_forward.coefficient.bias"}
 _V1_TOP = {"embedding.weight": "tok_embeddings.weight",
            "embedding.word_embeddings.weight": "tok_embeddings.word_embeddings.weight",
            "head.weight": "output.weight", "norm.weight": "norm.weight"}
-_DIM0 = ("feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight", "tok_embeddings.word_embeddings.weight")
-_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+_DIM0 = ("feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight", "tok_embeddings.word_embeddings.weight",
+         "feed_forward.residual_mlp.w1.weight", "feed_forward.residual_mlp.w3.weight")
+_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight",
+         "feed_forward.residual_mlp.w2.weight")
+# INTERNLM_MoE experts: one file per (MoE layer, expert, tp rank), try_save_moe_checkpoint
+EXPERT_FILE_RE = re.compile(r"^model_moe_layer(\d+)_expert(\d+)_tp(\d+)\.pt$")
+_EXPERT_DIM = {"w1": 0, "w3": 0, "w2": 1}  # each expert a FeedForward split over tp as the dense one
 
 
 def is_own_format(path) -> bool:
@@ -146,11 +158,16 @@ class InternEvoSource:
     def __init__(self, folder, args):
         self.folder = Path(folder)
         self.args = args
-        self.v1 = args.model_type == "INTERNLM"
-        if args.model_type not in ("INTERNLM", "INTERNLM2_PUBLIC"):
-            raise CheckpointError(f"ckpt_type='internevo' reads InternEvo folders of model_type INTERNLM2_PUBLIC or "
-                                  f"INTERNLM; this run's model_type is {args.model_type}.")
+        self.v1 = args.model_type in ("INTERNLM", "INTERNLM_MoE")
+        if args.model_type not in ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM_MoE"):
+            raise CheckpointError(f"ckpt_type='internevo' reads InternEvo folders of model_type INTERNLM2_PUBLIC, "
+                                  f"INTERNLM or INTERNLM_MoE; this run's model_type is {args.model_type}.")
         files, self.isp = model_files(self.folder)
+        self.expert_files = {tuple(int(g) for g in m.groups()): f for f in sorted(self.folder.iterdir())
+                             if (m := EXPERT_FILE_RE.match(f.name))}
+        if args.num_experts and self.isp:
+            raise CheckpointError(f"{self.folder} is an isp folder of a MoE model, which cannot be loaded so far "
+                                  f"(mtp/msp MoE folders can).")
         self.tp = max(t for t, _, _ in files) + 1
         self.wp = max(w for _, w, _ in files) + 1
         self.pp = max(p for _, _, p in files) + 1
@@ -254,9 +271,36 @@ class InternEvoSource:
             return f"blocks.{m.group(2)}." + {v: k for k, v in _V1_LAYER.items()}.get(m.group(3), m.group(3))
         return {v: k for k, v in _V1_TOP.items()}.get(name, name)
 
+    def _experts(self, layer: int, which: str) -> tuple[torch.Tensor, str]:
+        """Our stacked experts.{which} [E, ...] of MoE layer `layer`: each expert's tp shards concatenated,
+        read from model_moe_layer{layer}_expert{e}_tp{t}.pt."""
+        out = []
+        for e in range(self.args.num_experts):
+            shards = []
+            for t in range(self.tp):
+                path = self.expert_files.get((layer, e, t))
+                if path is None:
+                    raise CheckpointError(f"{self.folder / f'model_moe_layer{layer}_expert{e}_tp{t}.pt'} is missing "
+                                          f"(InternEvo writes each MoE layer's experts one file per expert and tp "
+                                          f"rank).")
+                sd = _load(path)
+                key = next((k for k in sd if k.endswith(f".wrapped_experts.{e}.{which}.weight")), None)
+                if key is None:
+                    raise CheckpointError(f"{path} holds no '...wrapped_experts.{e}.{which}.weight' (keys: "
+                                          f"{sorted(sd)[:4]}).")
+                shards.append(sd[key])
+            out.append(torch.cat(shards, dim=_EXPERT_DIM[which]))
+        return torch.stack(out), f"model_moe_layer{layer}_expert*_tp*.pt:{which}"
+
     def full_tensor(self, name: str, shape) -> torch.Tensor:
         m = _LAYER_RE.match(name)
         suffix = m.group(3) if m else name
+        if m and suffix.startswith("feed_forward.experts."):
+            full, theirs = self._experts(int(m.group(2)), suffix.rsplit(".", 1)[1])
+            if tuple(full.shape) != tuple(shape):
+                raise CheckpointError(f"{theirs} of {self.folder} merges to shape {tuple(full.shape)}; our {name!r} "
+                                      f"has shape {tuple(shape)}.")
+            return full
         if m and suffix.split(".")[0] == "attention" and suffix.split(".")[1] in ("wq", "wk", "wv"):
             which, kind = suffix.split(".")[1:]
             key = f"{m.group(2)}.{kind}"

@@ -79,7 +79,7 @@ class ModelArgs:
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
         ffn = 3 * h * self.intermediate_size
         if self.num_experts:
-            ffn = self.num_experts * ffn + h * self.num_experts + (ffn + 2 * h if self.moe_use_residual else 0)
+            ffn = self.num_experts * ffn + h * self.num_experts + (ffn + 2 * h + 2 if self.moe_use_residual else 0)
         per_layer = attn + ffn + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_layers * per_layer + h + head

@@ -150,7 +150,8 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(h, args.num_experts, bias=False)
         self.experts = Experts(args.num_experts, h, f)
         self.residual_mlp = dense_ffn_cls(args, kernels) if args.moe_use_residual else None
-        self.coefficient = nn.Linear(h, 2, bias=False) if args.moe_use_residual else None
+        # (with a bias, as InternEvo's torch.nn.Linear(hidden, 2))
+        self.coefficient = nn.Linear(h, 2) if args.moe_use_residual else None
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict | None = None
         # the experts' runner: None runs them here; expert parallelism (internlm.expert_parallel) sets a
@@ -176,11 +177,16 @@ class MoEFeedForward(nn.Module):
         else:
             out = self.dispatch(self.experts, flat, weights, chosen)
         if self.residual_mlp is not None:
-            coef = F.linear(flat.float(), self.coefficient.weight.float()).softmax(dim=-1).to(out.dtype)
+            coef = mixing_coefficients(flat, self.coefficient.weight, self.coefficient.bias).to(out.dtype)
             out = out * coef[:, :1] + self.residual_mlp(flat) * coef[:, 1:]
         self.aux_loss = aux
         self.stats = dict(load=load.detach(), dropped=(~kept).sum().detach())
         return out.reshape(shape)
+
+
+def mixing_coefficients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A residual MoE's per-token weights of (experts, dense FFN): softmax of a 2-way linear map, in fp32."""
+    return F.linear(x.float(), weight.float(), bias.float()).softmax(dim=-1)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:

@@ -44,11 +44,12 @@ def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = 
         return _write_isp_folder(model, folder, tp, wp, pp, pairs or [(t, w) for t in range(tp) for w in range(wp)])
     a = model.args
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    v1 = a.model_type == "INTERNLM"
+    v1 = a.model_type in ("INTERNLM", "INTERNLM_MoE")
     kv, hd, h = a.num_kv_attention_heads, a.head_dim, a.hidden_size
     group = a.num_attention_heads // kv
     n = a.num_layers // pp
     folder.mkdir(parents=True)
+    experts = {}  # MoE: (layer, expert, tp rank) -> that file's state dict (try_save_moe_checkpoint)
     for p in range(pp):
         shards = [{} for _ in range(tp)]
 
@@ -84,6 +85,20 @@ def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = 
                 put(base + "ffn_norm.weight", sd[ours + "ffn_norm.weight"], None)
                 put(base + "attention.rotary_emb.inv_freq", torch.ones(hd // 2), None)  # a buffer InternEvo keeps
                 mlp = base + "feed_forward."
+            if a.num_experts:  # modeling_moe.py: mlp.moe_layer.{gate.wg, experts.wrapped_experts.E.w*}
+                put(mlp + "moe_layer.gate.wg.weight", sd[ours + "feed_forward.gate.weight"], None)
+                for e in range(a.num_experts):
+                    for w, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+                        parts = sd[ours + f"feed_forward.experts.{w}"][e].chunk(tp, dim=dim)
+                        for t in range(tp):
+                            key = f"{base}mlp.moe_layer.experts.wrapped_experts.{e}.{w}.weight"
+                            experts.setdefault((i, e, t), {})[key] = parts[t].clone()
+                if a.moe_use_residual:
+                    for w, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+                        put(mlp + f"residual_mlp.{w}.weight", sd[ours + f"feed_forward.residual_mlp.{w}.weight"], dim)
+                    for kind in ("weight", "bias"):
+                        put(mlp + f"coefficient.{kind}", sd[ours + f"feed_forward.coefficient.{kind}"], None)
+                continue
             put(mlp + "w1.weight", sd[ours + "feed_forward.w1.weight"], 0)
             put(mlp + "w3.weight", sd[ours + "feed_forward.w3.weight"], 0)
             put(mlp + "w2.weight", sd[ours + "feed_forward.w2.weight"], 1)
@@ -92,6 +107,8 @@ def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = 
             put("head.weight" if v1 else "output.weight", sd["output.weight"], 0)
         for t in range(tp):
             torch.save(shards[t], folder / f"model_tp{t}_pp{p}.pt")
+    for (i, e, t), expert_sd in experts.items():
+        torch.save(expert_sd, folder / f"model_moe_layer{i}_expert{e}_tp{t}.pt")
     torch.save({"num_layers": a.num_layers, "adapt_hf": True}, folder / "model_config.pt")
     return folder
 
@@ -99,11 +116,12 @@ def write_internevo_folder(model, folder: Path, tp: int, pp: int, prefix: str = 
 def _write_isp_folder(model, folder: Path, tp: int, wp: int, pp: int, pairs) -> Path:
     a = model.args
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    v1 = a.model_type == "INTERNLM"
+    v1 = a.model_type in ("INTERNLM", "INTERNLM_MoE")
     kv, hd, h = a.num_kv_attention_heads, a.head_dim, a.hidden_size
     group = a.num_attention_heads // kv
     n = a.num_layers // pp
     folder.mkdir(parents=True)
+    experts = {}  # MoE: (layer, expert, tp rank) -> that file's state dict (try_save_moe_checkpoint)
     for p in range(pp):
         files = {pair: {} for pair in pairs}
 
@@ -177,6 +195,24 @@ def test_internlm_v1_folder_merges_tp_and_pp(tmp_path):
     fresh = random_model(1, **kw)
     load_internevo_into_parts(fresh, folder)
     assert_same(ref, fresh)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_moe_folder_merges_experts_over_tp_and_pp(tmp_path, residual):
+    """INTERNLM_MoE: the router and a residual MoE's dense FFN and mixing weights from the model files, each
+    expert from its own model_moe_layer{L}_expert{E}_tp{t}.pt; a missing expert file is named."""
+    kw = dict(model_type="INTERNLM_MoE", num_kv_attention_heads=4, qkv_bias=True, o_bias=True, num_experts=4,
+              moe_use_residual=residual)
+    ref = random_model(0, **kw)
+    folder = write_internevo_folder(ref, tmp_path / "evo", 2, 2)
+    assert (folder / "model_moe_layer3_expert2_tp1.pt").is_file()
+    fresh = random_model(1, **kw)
+    filled = load_internevo_into_parts(fresh, folder)
+    assert len(filled) == len(list(fresh.parameters()))
+    assert_same(ref, fresh)
+    (folder / "model_moe_layer1_expert3_tp0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model_moe_layer1_expert3_tp0\.pt is missing"):
+        load_internevo_into_parts(random_model(1, **kw), folder)
 
 
 @pytest.mark.parametrize("model_type,tp,wp,pp,pairs", [
