@@ -31,9 +31,13 @@ So a block tensor is the concatenation over w (of any t that has them all), a to
 any w). InternLM v1's Wqkv, split by plain rows, concatenates to the full (3, heads, head_dim) matrix.
 Only the pairs (t, w) InternEvo saved need to be there.
 
-Not read (one-line errors): fsdp folders (`..._dp{d}.pt`), interleaved pipelines (num_chunks > 1), and
-InternLM2 checkpoints trained with adapt_hf=False when the folder's model_config.pt says so. Every file is
-read with torch.load(weights_only=True).
+Interleaved pipelines (num_chunks > 1): each stage's file holds a ModuleList of chunks ("0.blocks...",
+"1.blocks..."); chunk c of pipeline rank p is virtual stage c * pp + p (partition_uniform), so the layers
+are put end to end in that order.
+
+Not read (one-line errors): fsdp folders (`..._dp{d}.pt`) and InternLM2 checkpoints trained with
+adapt_hf=False when the folder's model_config.pt says so. Every file is read with
+torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -174,24 +178,32 @@ class InternEvoSource:
         self._check_model_config()
         # their global name -> {(tp rank, wp rank): (file, tensor)}
         self.pieces: dict[str, dict[tuple[int, int], tuple[Path, torch.Tensor]]] = {}
+        # (pp rank, chunk) -> [(tp/wp ranks, file, their name within the chunk, tensor)]: with num_chunks > 1
+        # a stage's file holds a ModuleList of chunks ("0.blocks.0...", "1.blocks.0...")
+        chunks: dict[tuple[int, int], list] = {}
+        for (t, w, p), path in sorted(files.items()):
+            for key, tensor in _load(path).items():
+                name = key[len("model."):] if key.startswith("model.") else key
+                if name.endswith(_IGNORED):
+                    continue
+                c = 0
+                if name[:1].isdigit():
+                    c, name = name.split(".", 1)
+                    c = int(c)
+                chunks.setdefault((p, c), []).append(((t, w), path, name, tensor))
+        self.num_chunks = max(c for _, c in chunks) + 1
+        # InternEvo's partition_uniform: chunk c of pipeline rank p is virtual stage c * pp + p, in layer order
         offset = 0
-        for p in range(self.pp):
-            stage = [((t, w), path, _load(path)) for (t, w, q), path in sorted(files.items()) if q == p]
-            local_layers = set()
-            for tw, path, sd in stage:
-                for key, tensor in sd.items():
-                    name = key[len("model."):] if key.startswith("model.") else key
-                    if name.endswith(_IGNORED):
-                        continue
-                    if name[:1].isdigit():
-                        raise CheckpointError(f"{path} holds {key!r}: a model of several chunks per stage "
-                                              f"(num_chunks > 1), which cannot be loaded so far.")
+        for c in range(self.num_chunks):
+            for p in range(self.pp):
+                local_layers = set()
+                for tw, path, name, tensor in chunks.get((p, c), []):
                     m = _LAYER_RE.match(name)
                     if m:
                         local_layers.add(int(m.group(2)))
                         name = f"{m.group(1)}.{int(m.group(2)) + offset}.{m.group(3)}"
                     self.pieces.setdefault(name, {})[tw] = (path, tensor)
-            offset += max(local_layers) + 1 if local_layers else 0
+                offset += max(local_layers) + 1 if local_layers else 0
         self._fused: tuple[str, dict] | None = None
 
     def _check_model_config(self) -> None:

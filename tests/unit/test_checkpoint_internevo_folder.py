@@ -197,6 +197,25 @@ def test_internlm_v1_folder_merges_tp_and_pp(tmp_path):
     assert_same(ref, fresh)
 
 
+def test_interleaved_pipeline_folder_puts_chunks_in_virtual_stage_order(tmp_path):
+    """num_chunks=2 on pp=2: each stage file holds a ModuleList of two chunks ("0.layers...", "1.layers..."),
+    chunk c of rank p being virtual stage c * pp + p (InternEvo's partition_uniform)."""
+    ref = random_model(0)
+    four = write_internevo_folder(ref, tmp_path / "four", 2, 4)  # one file per virtual stage
+    folder = tmp_path / "evo"
+    folder.mkdir()
+    for t in range(2):
+        for p in range(2):
+            merged = {}
+            for c in range(2):
+                sd = torch.load(four / f"model_tp{t}_pp{c * 2 + p}.pt", weights_only=True)
+                merged.update({f"{c}.{k}": v for k, v in sd.items()})
+            torch.save(merged, folder / f"model_tp{t}_pp{p}.pt")
+    fresh = random_model(1)
+    load_internevo_into_parts(fresh, folder)
+    assert_same(ref, fresh)
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_moe_folder_merges_experts_over_tp_and_pp(tmp_path, residual):
     """INTERNLM_MoE: the router and a residual MoE's dense FFN and mixing weights from the model files, each
