@@ -35,8 +35,9 @@ Interleaved pipelines (num_chunks > 1): each stage's file holds a ModuleList of 
 "1.blocks..."); chunk c of pipeline rank p is virtual stage c * pp + p (partition_uniform), so the layers
 are put end to end in that order.
 
-Not read (one-line errors): fsdp folders (`..._dp{d}.pt`) and InternLM2 checkpoints trained with
-adapt_hf=False when the folder's model_config.pt says so. Every file is read with
+Not read (one-line errors): fsdp folders (`..._dp{d}.pt`: FSDP v1's SHARDED_STATE_DICT, ShardedTensors
+that unpickle only with arbitrary classes and their process group, not under weights_only) and InternLM2
+checkpoints trained with adapt_hf=False when the folder's model_config.pt says so. Every file is read with
 torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -122,9 +123,11 @@ def model_files(folder: Path) -> tuple[dict[tuple[int, int, int], Path], bool]:
         if not m:
             continue
         if m.group(4):
-            raise CheckpointError(f"{f} is an InternEvo fsdp (model_tp*_pp*_dp*.pt) model file; only folders of "
-                                  f"model_tp{{t}}_pp{{p}}.pt or model_tp{{t}}_wp{{w}}_pp{{p}}.pt files can be loaded "
-                                  f"so far.")
+            raise CheckpointError(f"{f} is an InternEvo fsdp (model_tp*_pp*_dp*.pt) model file: FSDP's sharded "
+                                  f"state dict, whose ShardedTensors unpickle only with arbitrary classes and their "
+                                  f"process group, so it cannot be read safely (weights_only). Load it in InternEvo "
+                                  f"with parallel.zero1.fsdp=False and save it again (model_tp{{t}}_pp{{p}}.pt "
+                                  f"files), or export it to Hugging Face there and use ckpt_type='hf'.")
         kinds.add(bool(m.group(2)))
         w = int(m.group(2)[3:]) if m.group(2) else 0
         found[(int(m.group(1)), w, int(m.group(3)))] = f
