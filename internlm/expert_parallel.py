@@ -77,7 +77,7 @@ class ExpertDispatch:
         w1, w3, w2 = (getattr(experts, n).to_local().to(rows.dtype) for n in EXPERT_WEIGHTS)
         order = torch.argsort(local_id, stable=True)
         counts = torch.bincount(local_id, minlength=w1.shape[0]).tolist()
-        out = expert_ffn(rows[order], counts, w1, w3, w2)
+        out = expert_ffn(rows[order], counts, w1, w3, w2, experts.fp32_gemm)
         return out[torch.argsort(order)]  # back to the order the rows arrived in
 
 

@@ -162,7 +162,7 @@ class TensorParallelMoE:
         if layer.dispatch is None:
             with record_function("moe_experts"):
                 w1, w3, w2 = (_local(getattr(layer.experts, n)).to(flat.dtype) for n in ("w1", "w3", "w2"))
-                out = combine_experts(flat, weights, chosen, w1, w3, w2)
+                out = combine_experts(flat, weights, chosen, w1, w3, w2, layer.experts.fp32_gemm)
         else:
             out = layer.dispatch(layer.experts, flat, weights, chosen)
         if layer.residual_mlp is not None:

@@ -125,5 +125,7 @@ def kernel_report(cfg, device: torch.device, dims, kernels, dtype: torch.dtype, 
         "fsdp_prefetch": ("n/a (no data parallelism)" if not dims.fsdp
                           else "on" if fsdp_prefetch(cfg.hybrid_zero_optimizer) else "off"),
         "malloc": malloc_state() if device.type == "cpu" else "n/a (CUDA caching allocator)",
-    } | ({"moe_experts": "grouped GEMM (F.grouped_mm)" if grouped_mm_in_use(device, dtype)
-          else "one SwiGLU per expert (loop)"} if cfg.model.num_experts else {})
+    } | ({"moe_experts": ("grouped GEMM (F.grouped_mm)" if grouped_mm_in_use(device, dtype)
+                          else "grouped fp32 GEMM on bf16/fp16-rounded operands (F.grouped_mm)"
+                          if kernels.cpu_fp32_gemm and grouped_mm_in_use(device, torch.float32)
+                          else "one SwiGLU per expert (loop)")} if cfg.model.num_experts else {})

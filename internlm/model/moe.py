@@ -83,9 +83,22 @@ def _grouped_mm_runs(x: torch.Tensor, w1: torch.Tensor) -> bool:
 
 
 def expert_ffn(x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor,
-               w2: torch.Tensor) -> torch.Tensor:
+               w2: torch.Tensor, fp32_gemm: bool = False) -> torch.Tensor:
     """x [N, h] rows sorted by expert, counts[e] of them for expert e -> each row through its expert's
-    SwiGLU [N, h]; w1/w3 [E, ffn, h], w2 [E, h, ffn]."""
+    SwiGLU [N, h]; w1/w3 [E, ffn, h], w2 [E, h, ffn]. `fp32_gemm` (model.cpu_matmul, as ops.Linear):
+    on CPU, a bf16/fp16 computation runs as fp32 GEMMs (the grouped one) on operands rounded to that
+    dtype, with the result rounded back, for CPUs whose low-precision GEMM is far slower (AVX2-only);
+    the SwiGLU between the GEMMs is then computed in fp32."""
+    if fp32_gemm and x.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                ws = [w.to(dtype).float() for w in (w1, w3, w2)]
+                return _expert_ffn(x.to(dtype).float(), counts, *ws).to(dtype)
+    return _expert_ffn(x, counts, w1, w3, w2)
+
+
+def _expert_ffn(x, counts, w1, w3, w2):
     if _grouped_mm_runs(x, w1):
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         w1, w3, w2 = (w.to(x.dtype).transpose(1, 2) for w in (w1, w3, w2))  # [E, in, out], column-major
@@ -114,18 +127,19 @@ def grouped_mm_in_use(device: torch.device, dtype: torch.dtype) -> bool:
 class Experts(nn.Module):
     """`num_experts` SwiGLU FFNs as stacked weights."""
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int):
+    def __init__(self, num_experts: int, hidden: int, ffn: int, fp32_gemm: bool = False):
         super().__init__()
+        self.fp32_gemm = fp32_gemm  # (expert_ffn)
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return combine_experts(x, weights, experts, self.w1, self.w3, self.w2)
+        return combine_experts(x, weights, experts, self.w1, self.w3, self.w2, self.fp32_gemm)
 
 
 def combine_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
-                    w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+                    w3: torch.Tensor, w2: torch.Tensor, fp32_gemm: bool = False) -> torch.Tensor:
     """x [N, h]; weights/experts [N, k] (expert -1: dropped) -> sum_k weights * expert_k(x) [N, h], the
     experts given by their stacked weights (under tensor parallelism, this rank's slice of their width)."""
     flat_expert = experts.reshape(-1)
@@ -135,7 +149,7 @@ def combine_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     picked = picked[torch.argsort(flat_expert[picked], stable=True)]  # by expert, then token order
     counts = torch.bincount(flat_expert[picked], minlength=w1.shape[0]).tolist()
     rows = token[picked]
-    y = expert_ffn(x[rows], counts, w1, w3, w2)
+    y = expert_ffn(x[rows], counts, w1, w3, w2, fp32_gemm)
     return torch.zeros_like(x).index_add_(0, rows, y * flat_weight[picked].unsqueeze(-1).to(y.dtype))
 
 
@@ -148,7 +162,7 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = args.capacity_factor, args.eval_capacity_factor
         self.min_capacity = args.min_capacity
         self.gate = nn.Linear(h, args.num_experts, bias=False)
-        self.experts = Experts(args.num_experts, h, f)
+        self.experts = Experts(args.num_experts, h, f, fp32_gemm=kernels.cpu_fp32_gemm)
         self.residual_mlp = dense_ffn_cls(args, kernels) if args.moe_use_residual else None
         # (with a bias, as InternEvo's torch.nn.Linear(hidden, 2))
         self.coefficient = nn.Linear(h, 2) if args.moe_use_residual else None

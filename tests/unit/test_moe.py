@@ -211,3 +211,33 @@ def test_a_rank_whose_tokens_are_all_dropped_still_gives_expert_gradients():
     out.sum().backward()
     for w in (w1, w3, w2):
         assert w.grad is not None and w.grad.abs().sum() == 0
+
+
+def test_bf16_experts_as_fp32_gemms_on_cpu_match_the_bf16_loop(monkeypatch):
+    """model.cpu_matmul's fp32 path for the experts (AVX2 CPUs have no bf16 GEMM): operands rounded to
+    bf16, fp32 grouped GEMMs, output rounded to bf16; outputs and gradients within bf16 rounding of the
+    plain bf16 computation, and the same dtypes."""
+    import torch.nn.functional as F
+
+    from internlm.model import moe
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    g = torch.Generator().manual_seed(0)
+    counts = [6, 0, 10, 4]
+    x = (torch.randn(sum(counts), 16, generator=g)).bfloat16()
+    w1, w3 = ((torch.randn(4, 24, 16, generator=g) * 0.3).bfloat16() for _ in range(2))
+    w2 = (torch.randn(4, 16, 24, generator=g) * 0.3).bfloat16()
+    grad = torch.randn(sum(counts), 16, generator=g).bfloat16()
+    results, seen = {}, []
+    inner = moe._expert_ffn
+    monkeypatch.setattr(moe, "_expert_ffn", lambda x, *a: seen.append(x.dtype) or inner(x, *a))
+    for fp32 in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w3, w2)]
+        out = moe.expert_ffn(leaves[0], counts, *leaves[1:], fp32_gemm=fp32)
+        out.backward(grad)
+        results[fp32] = [out.detach()] + [t.grad for t in leaves]
+    for a, b in zip(results[True], results[False]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2), (a.float() - b.float()).abs().max()
+    assert seen == [torch.float32, torch.bfloat16]  # the fp32 GEMMs, then the plain bf16 loop
