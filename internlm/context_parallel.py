@@ -204,12 +204,14 @@ class _Ring(torch.autograd.Function):
         sched = _Schedule(dist.get_rank(group), windows)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        g = q.shape[1] // k.shape[1]
         kv = (k, v)
         for o in range(sched.nw):
             start = kv
             for i in range(sched.w):
                 for a, b, ka, kb, causal in pieces[sched.source(o, i)]:
-                    _merge(out[a:b], lse[a:b], *_block(q[a:b], kv[0][ka:kb], kv[1][ka:kb], causal, scale))
+                    _merge(out[a:b], lse[a:b], *_block(q[a:b], _repeat(kv[0][ka:kb], g), _repeat(kv[1][ka:kb], g),
+                                                       causal, scale))
                 if i < sched.w - 1:
                     kv = sched.inner(kv, group)
             if o < sched.nw - 1:
@@ -226,6 +228,7 @@ class _Ring(torch.autograd.Function):
         do = grad_out.float()
         delta = (do * out).sum(-1)  # [Nq, H]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        g = q.shape[1] // k.shape[1]
         blk = [k, v, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
                torch.zeros(v.shape, dtype=torch.float32, device=v.device)]
         # a block and its gradients travel together: round each window's inner ring (back to where the
@@ -234,11 +237,11 @@ class _Ring(torch.autograd.Function):
             for i in range(sched.w):
                 kb_, vb_, dk, dv = blk
                 for a, b, ka, kb, causal in ctx.pieces[sched.source(o, i)]:
-                    gq, gk, gv = _block_backward(do[a:b], q[a:b], kb_[ka:kb], vb_[ka:kb], out[a:b], lse[a:b],
-                                                 delta[a:b], causal, scale)
+                    gq, gk, gv = _block_backward(do[a:b], q[a:b], _repeat(kb_[ka:kb], g), _repeat(vb_[ka:kb], g),
+                                                 out[a:b], lse[a:b], delta[a:b], causal, scale)
                     dq[a:b] += gq
-                    dk[ka:kb] += gk
-                    dv[ka:kb] += gv
+                    dk[ka:kb] += _fold(gk, g)
+                    dv[ka:kb] += _fold(gv, g)
                 if sched.w > 1:
                     blk = sched.inner(blk, group)
             if sched.nw > 1:
@@ -247,13 +250,23 @@ class _Ring(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def _repeat(t, g: int):
+    """Grouped-query attention: kv heads [N, Hkv, D] -> one per query head [N, Hkv * g, D]."""
+    return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def _fold(t, g: int):
+    """The gradient of _repeat: the g query heads of each kv head summed back [N, Hkv, D]."""
+    return t if g == 1 else t.reshape(t.shape[0], t.shape[1] // g, g, t.shape[2]).sum(2)
+
+
 def ring_attention(q, k, v, pieces, windows, group, scale=None):
     """Causal attention within packed samples of the local queries q [N, Hq, D] against the keys and
-    values k/v [N, Hkv, D] of the whole context group (pieces/windows as in _Ring.forward)."""
-    hq, hkv = q.shape[1], k.shape[1]
-    if hq != hkv:  # grouped-query attention: every query head sees its kv head
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
+    values k/v [N, Hkv, D] of the whole context group (pieces/windows as in _Ring.forward). Under
+    grouped-query attention the ring passes the kv heads themselves (Hq / Hkv times fewer bytes than
+    repeated ones) and each block repeats them for its query heads."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     group = group if group is not None else dist.group.WORLD
     return _Ring.apply(q, k, v, pieces, windows, group, scale)

@@ -203,10 +203,10 @@ def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int
             gathers += micro_num * (head - 1) * local * 8
         if context > 1:
             # ring attention over the context group on this rank's context chunk and head share: forward
-            # passes k and v (kv heads repeated to the query heads) round the ring; backward passes them with
-            # their fp32 gradients round it again and home (double ring: inner rounds and outer hops)
+            # passes k and v (its kv heads) round the ring; backward passes them with their fp32 gradients
+            # round it again and home (double ring: inner rounds and outer hops)
             nw, w = context // dims.window, dims.window
-            block = tokens / context * q / head  # elements of k (or v) a rank holds
+            block = tokens / context * kv / head  # elements of k (or v) a rank holds
             hops_f = nw * (w - 1) + (nw - 1)
             hops_b = nw * (w if w > 1 else 0) + (nw if nw > 1 else 0)
             comm["context/send_recv"] = micro_num * s0.num_layers * block * (
