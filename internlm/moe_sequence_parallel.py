@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from internlm.model.moe import MoEFeedForward, gate_weights, mixing_coefficients, moe_layers, route
+from internlm.model.moe import MoEFeedForward, gate_weights, moe_layers, route
 from internlm.moe_tensor_parallel import _all_gather_seq
 
 
@@ -74,14 +74,7 @@ class SequenceParallelMoE:
             own = num_experts * (probs.sum(dim=0) / (b * n) * first_share).sum()
             aux = aux + self.size * (own - own.detach())
             chosen = experts.masked_fill(~kept, -1)
-        if layer.dispatch is None:
-            with record_function("moe_experts"):
-                out = layer.experts(flat, weights, chosen)
-        else:
-            out = layer.dispatch(layer.experts, flat, weights, chosen)
-        if layer.residual_mlp is not None:
-            coef = mixing_coefficients(flat, layer.coefficient.weight, layer.coefficient.bias).to(out.dtype)
-            out = out * coef[:, :1] + layer.residual_mlp(flat) * coef[:, 1:]
+        out = layer.run_experts(flat, weights, chosen)
         layer.aux_loss = aux
         layer.stats = dict(load=load, dropped=dropped)
         return out.reshape(x.shape)

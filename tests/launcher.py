@@ -230,6 +230,26 @@ class Job:
     timeout: float = 300.0
 
 
+@dataclass(frozen=True)
+class ProbeLayout:
+    """A layout run for two steps with one of train.py's measuring flags (--count-comm, --track-memory):
+    a test parameter whose run the session runner starts ahead of time."""
+    flag: str
+    name: str
+    nproc: int
+    overrides: tuple[str, ...]
+
+    def job(self) -> Job:
+        return Job(f"{self.flag.strip('-')}_{self.name}", self.nproc,
+                   (self.flag, "data.total_steps=2", *self.overrides), timeout=240.0)
+
+    def jobs(self) -> list[Job]:
+        return [self.job()]
+
+    def config_overrides(self) -> list[str]:
+        return [o for o in self.job().overrides if not o.startswith("--")]
+
+
 class Runner:
     """Runs Jobs `workers` at a time in the background, each once per session.
 

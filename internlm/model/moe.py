@@ -185,6 +185,14 @@ class MoEFeedForward(nn.Module):
             logits = F.linear(flat.float(), self.gate.weight.float())
             weights, experts, kept, aux, load = route(logits, self.top_k, self.capacity(flat.shape[0]))
             chosen = experts.masked_fill(~kept, -1)
+        out = self.run_experts(flat, weights, chosen)
+        self.aux_loss = aux
+        self.stats = dict(load=load.detach(), dropped=(~kept).sum().detach())
+        return out.reshape(shape)
+
+    def run_experts(self, flat: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The routed tokens [N, h] through their experts (here, or through the expert-parallel dispatch),
+        weighted and summed, mixed with the residual MoE's dense FFN."""
         if self.dispatch is None:
             with record_function("moe_experts"):
                 out = self.experts(flat, weights, chosen)
@@ -193,9 +201,7 @@ class MoEFeedForward(nn.Module):
         if self.residual_mlp is not None:
             coef = mixing_coefficients(flat, self.coefficient.weight, self.coefficient.bias).to(out.dtype)
             out = out * coef[:, :1] + self.residual_mlp(flat) * coef[:, 1:]
-        self.aux_loss = aux
-        self.stats = dict(load=load.detach(), dropped=(~kept).sum().detach())
-        return out.reshape(shape)
+        return out
 
 
 def mixing_coefficients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

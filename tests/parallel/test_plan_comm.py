@@ -12,7 +12,6 @@ plan assumes even routing and no drops, so that kind gets 15%.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
@@ -26,58 +25,45 @@ ISP = ("parallel.tensor.mode='isp'",)
 S2D = ("parallel.sequence_2D.enable=True",)
 
 
-@dataclass(frozen=True)
-class CommLayout:
-    name: str
-    nproc: int
-    overrides: tuple[str, ...]
-
-    def job(self) -> launcher.Job:
-        return launcher.Job(f"comm_{self.name}", self.nproc, ("--count-comm", "data.total_steps=2", *self.overrides),
-                            timeout=240.0)
-
-    def jobs(self) -> list[launcher.Job]:
-        return [self.job()]
-
-    def param(self):
-        return pytest.param(self, id=self.name)
+def comm_layout(name: str, nproc: int, overrides: tuple[str, ...]):
+    return pytest.param(launcher.ProbeLayout("--count-comm", name, nproc, overrides), id=name)
 
 
 LAYOUTS = [
-    CommLayout("dp2_zero1-2", 2, ("parallel.zero1.size=2",)),
-    CommLayout("dp2_fsdp", 2, ("parallel.zero1.fsdp=True",)),
-    CommLayout("dp4_zero1-2_hsdp", 4, ("parallel.zero1.size=2",)),
-    CommLayout("tp2_mtp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
-    CommLayout("tp2_msp_dp2", 4, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'", "parallel.zero1.size=2")),
-    CommLayout("pp2_1f1b", 2, ("parallel.pipeline.size=2",)),
-    CommLayout("pp2_interleaved", 2, ("parallel.pipeline.size=2", "model.num_chunks=2")),
-    CommLayout("pp2_zbv", 2, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2")),
-    CommLayout("isp2_wp2", 2, ("parallel.tensor.size=2", *ISP, "parallel.weight.size=2")),
-    CommLayout("isp4_head2_context2", 4, ("parallel.tensor.size=4", *ISP, "model.num_kv_attention_heads=4", *S2D,
+    comm_layout("dp2_zero1-2", 2, ("parallel.zero1.size=2",)),
+    comm_layout("dp2_fsdp", 2, ("parallel.zero1.fsdp=True",)),
+    comm_layout("dp4_zero1-2_hsdp", 4, ("parallel.zero1.size=2",)),
+    comm_layout("tp2_mtp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
+    comm_layout("tp2_msp_dp2", 4, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'", "parallel.zero1.size=2")),
+    comm_layout("pp2_1f1b", 2, ("parallel.pipeline.size=2",)),
+    comm_layout("pp2_interleaved", 2, ("parallel.pipeline.size=2", "model.num_chunks=2")),
+    comm_layout("pp2_zbv", 2, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2")),
+    comm_layout("isp2_wp2", 2, ("parallel.tensor.size=2", *ISP, "parallel.weight.size=2")),
+    comm_layout("isp4_head2_context2", 4, ("parallel.tensor.size=4", *ISP, "model.num_kv_attention_heads=4", *S2D,
                                           "parallel.sequence_2D.head_size=2", "parallel.sequence_2D.context_size=2")),
-    CommLayout("isp4_double_ring", 4, ("parallel.tensor.size=4", *ISP, *S2D, "parallel.sequence_2D.head_size=1",
+    comm_layout("isp4_double_ring", 4, ("parallel.tensor.size=4", *ISP, *S2D, "parallel.sequence_2D.head_size=1",
                                        "parallel.sequence_2D.context_size=4", "parallel.sequence_2D.window_size=2")),
-    CommLayout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
-    CommLayout("moe_tp2_msp", 2, (*MOE, "parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
-    CommLayout("moe_isp2", 2, (*MOE, "parallel.tensor.size=2", *ISP)),
+    comm_layout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
+    comm_layout("moe_tp2_msp", 2, (*MOE, "parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
+    comm_layout("moe_isp2", 2, (*MOE, "parallel.tensor.size=2", *ISP)),
 ]
 
 
-def _planned(result: launcher.RunResult, layout: CommLayout) -> tuple[dict, int]:
+def _planned(result: launcher.RunResult, layout: launcher.ProbeLayout) -> tuple[dict, int]:
     from internlm.config import load_config
     from internlm.parallel_dims import ParallelDims
     from internlm.plan.estimate import comm_by_kind, plan
     from internlm.plan.hardware import cpu_hardware
 
-    overrides = [o for o in layout.job().overrides if not o.startswith("--")]
+    overrides = layout.config_overrides()
     cfg = load_config(result.run_folder.parent / "tiny.py", overrides)
     p = plan(cfg, layout.nproc, cpu_hardware())
     dims = ParallelDims.from_config(cfg, layout.nproc)
     return comm_by_kind(p.comm_bytes), p.peak_stage * dims.dp * dims.tp
 
 
-@pytest.mark.parametrize("layout", [x.param() for x in LAYOUTS])
-def test_planned_bytes_per_collective_match_a_counted_run(layout: CommLayout, runner):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_planned_bytes_per_collective_match_a_counted_run(layout: launcher.ProbeLayout, runner):
     result = runner.result(layout.job())
     assert result.returncode == 0, result.tail()
     planned, rank = _planned(result, layout)

@@ -9,7 +9,6 @@ of the rank of its peak pipeline stage.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
@@ -20,43 +19,30 @@ MOE = ("model_type='INTERNLM_MoE'", "model.num_experts=4")
 ISP = ("parallel.tensor.size=2", "parallel.tensor.mode='isp'")
 
 
-@dataclass(frozen=True)
-class MemLayout:
-    name: str
-    nproc: int
-    overrides: tuple[str, ...]
-
-    def job(self) -> launcher.Job:
-        return launcher.Job(f"mem_{self.name}", self.nproc, ("--track-memory", "data.total_steps=2", *self.overrides),
-                            timeout=240.0)
-
-    def jobs(self) -> list[launcher.Job]:
-        return [self.job()]
-
-    def param(self):
-        return pytest.param(self, id=self.name)
+def mem_layout(name: str, nproc: int, overrides: tuple[str, ...]):
+    return pytest.param(launcher.ProbeLayout("--track-memory", name, nproc, overrides), id=name)
 
 
 LAYOUTS = [
-    MemLayout("one_process", 1, ()),
-    MemLayout("full_checkpoint", 1, ("model.checkpoint=True",)),
-    MemLayout("dp2_zero1-2", 2, ("parallel.zero1.size=2",)),
-    MemLayout("dp2_fsdp", 2, ("parallel.zero1.fsdp=True",)),
-    MemLayout("dp2_selective_checkpoint", 2, ("parallel.zero1.size=2", "model.checkpoint=True",
+    mem_layout("one_process", 1, ()),
+    mem_layout("full_checkpoint", 1, ("model.checkpoint=True",)),
+    mem_layout("dp2_zero1-2", 2, ("parallel.zero1.size=2",)),
+    mem_layout("dp2_fsdp", 2, ("parallel.zero1.fsdp=True",)),
+    mem_layout("dp2_selective_checkpoint", 2, ("parallel.zero1.size=2", "model.checkpoint=True",
                                               "model.checkpoint_policy='selective'")),
-    MemLayout("tp2_mtp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
-    MemLayout("tp2_msp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
-    MemLayout("pp2_1f1b", 2, ("parallel.pipeline.size=2",)),
-    MemLayout("pp2_interleaved", 2, ("parallel.pipeline.size=2", "model.num_chunks=2")),
-    MemLayout("isp2", 2, ISP),
-    MemLayout("isp2_wp2", 2, (*ISP, "parallel.weight.size=2")),
-    MemLayout("moe_dp2", 2, (*MOE, "parallel.zero1.size=2")),
-    MemLayout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
+    mem_layout("tp2_mtp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
+    mem_layout("tp2_msp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
+    mem_layout("pp2_1f1b", 2, ("parallel.pipeline.size=2",)),
+    mem_layout("pp2_interleaved", 2, ("parallel.pipeline.size=2", "model.num_chunks=2")),
+    mem_layout("isp2", 2, ISP),
+    mem_layout("isp2_wp2", 2, (*ISP, "parallel.weight.size=2")),
+    mem_layout("moe_dp2", 2, (*MOE, "parallel.zero1.size=2")),
+    mem_layout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
 ]
 
 
-@pytest.mark.parametrize("layout", [x.param() for x in LAYOUTS])
-def test_planned_peak_memory_matches_a_tracked_run(layout: MemLayout, runner):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_planned_peak_memory_matches_a_tracked_run(layout: launcher.ProbeLayout, runner):
     from internlm.config import load_config
     from internlm.parallel_dims import ParallelDims
     from internlm.plan.estimate import GiB, plan
@@ -64,7 +50,7 @@ def test_planned_peak_memory_matches_a_tracked_run(layout: MemLayout, runner):
 
     result = runner.result(layout.job())
     assert result.returncode == 0, result.tail()
-    overrides = [o for o in layout.job().overrides if not o.startswith("--")]
+    overrides = layout.config_overrides()
     cfg = load_config(result.run_folder.parent / "tiny.py", overrides)
     p = plan(cfg, layout.nproc, cpu_hardware())
     dims = ParallelDims.from_config(cfg, layout.nproc)
