@@ -329,6 +329,7 @@ class Trainer:
         log_every = cfg.monitor.log_every
         history = []
         it = iter(self.train_loader)
+        self.checkpoints.begin()
         while self.step < total:
             batch = next(it)
             m = self.train_step(batch)

@@ -107,7 +107,7 @@ class CheckpointManager:
         self.last_complete = None  # the newest step this run saved completely
         self._pending = None  # (future, tmp, final, step, what) of an async save in flight
         self._signal = None
-        self._old_handlers = None  # installed by the first after_step, restored by finish
+        self._old_handlers = None  # installed by begin (the loop starts), restored by finish
         self._pg = dist.new_group(backend="gloo") if self.async_save and self.world_size > 1 else None
         self.token, self._next_slot = self._agree_on_token_and_slot()
         if self.enabled and self.folder is not None:
@@ -432,10 +432,15 @@ class CheckpointManager:
         self._stop_file_seen = None
 
     # ---- saving ----------------------------------------------------------------------------------------
-    def after_step(self, step: int, total: int) -> bool:
-        """Save, snapshot or stop after `step`. Returns True when training must stop now."""
+    def begin(self) -> None:
+        """The loop starts: from here a signal or Ctrl-C only asks for a stop at the end of a step (installed
+        before the first step, so a press while step 1 is being logged is not a bare KeyboardInterrupt)."""
         if self._old_handlers is None:  # only while the loop runs: a Trainer used otherwise keeps defaults
             self._install_signal_handlers()
+
+    def after_step(self, step: int, total: int) -> bool:
+        """Save, snapshot or stop after `step`. Returns True when training must stop now."""
+        self.begin()
         self._poll_async()
         with phase(f"step {step} stop check"):
             reason, save_asked = self._stop_request(step)

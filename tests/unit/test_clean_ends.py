@@ -3,6 +3,7 @@ stops, a lost peer and an exiting config are named, and MFU never exceeds 100%."
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -100,6 +101,33 @@ def test_ctrl_c_saves_then_stops_and_twice_stops_at_once(tmp_path):
     assert proc.wait(timeout=60) in (0, 130)  # the second press may land after the step already ended
     text = (tmp_path / "out2.txt").read_text()
     assert "Traceback" not in text
+
+
+def test_ctrl_c_while_the_first_step_runs_asks_for_a_stop():
+    """The handlers are in place before step 1: a press while it runs (or is being logged) is a stop request,
+    not a KeyboardInterrupt (the CI once caught one between the first metrics line and the first save check)."""
+    from internlm.trainer import Trainer
+
+    manager = CheckpointManager.__new__(CheckpointManager)
+    manager._old_handlers, manager._signal, manager.enabled = None, None, True
+    t = Trainer.__new__(Trainer)
+    t.cfg = SimpleNamespace(data=SimpleNamespace(total_steps=5, valid_every=0), monitor=SimpleNamespace(log_every=1))
+    t.checkpoints, t.train_loader, t.state = manager, [{}], SimpleNamespace(step=0)
+    seen = []
+
+    def train_step(batch):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before the next bytecode: to our handler, not as an error
+            seen.append(manager._signal)
+        except KeyboardInterrupt:  # no handler yet: the bare interrupt the CI saw
+            seen.append("KeyboardInterrupt")
+        raise LookupError("leave the loop")
+
+    t.train_step = train_step
+    with pytest.raises(LookupError):
+        t.fit()
+    assert seen == ["SIGINT"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop gone, Ctrl-C is plain again
 
 
 def test_mfu_never_exceeds_100_percent(monkeypatch):
