@@ -17,6 +17,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
+def expert_zero_shards(size: int, edp: int) -> bool:
+    """InternEvo's parallel.expert_zero1.size: -1/0 (or the replica count edp) shards expert-parallel
+    experts over all their replicas, 1 keeps a whole copy on each (validate.py refuses sizes between)."""
+    return size != 1 or edp == 1
+
+
 def expert_parallel_size(size: int, dp: int, num_experts: int) -> int:
     """InternEvo's parallel.expert.size: -1/0 -> the data-parallel size, capped at the number of experts."""
     return min(dp, max(num_experts, 1)) if size <= 0 else size
@@ -47,6 +53,7 @@ class ParallelDims:
     num_chunks: int = 1
     pp_mode: str = "1f1b"
     ep: int = 1  # MoE expert parallelism: data-parallel ranks that split each layer's experts
+    expert_zero: bool = True  # parallel.expert_zero1: expert-parallel experts sharded over their replicas (edp)
 
     def __post_init__(self):
         product = self.pp * self.dp_replicate * self.dp_shard * self.tp
@@ -85,6 +92,7 @@ class ParallelDims:
                 raised_from, zero1 = zero1, wanted
         s2d = par.sequence_2D
         two_d = isp and s2d.enable
+        ep = expert_parallel_size(par.expert.size, dp, cfg.model.num_experts) if cfg.model.num_experts else 1
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
                    tp_mode=par.tensor.mode, wp=wp,
                    # weight parallelism gathers weights for each use and frees them after (InternEvo's wp)
@@ -94,7 +102,7 @@ class ParallelDims:
                    head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from,
                    window=s2d.window_size if two_d else 1,
                    interleaved=s2d.device_placement_strategy.interleaved if two_d else False,
-                   ep=expert_parallel_size(par.expert.size, dp, cfg.model.num_experts) if cfg.model.num_experts else 1)
+                   ep=ep, expert_zero=expert_zero_shards(par.expert_zero1.size, dp // ep))
 
     @property
     def dp(self) -> int:
@@ -113,6 +121,17 @@ class ParallelDims:
     def isp(self) -> int:
         """Sequence-parallel degree of "isp": tokens split, weights whole (or split by wp)."""
         return self.tp if self.tp_mode == "isp" else 1
+
+    @property
+    def edp(self) -> int:
+        """Replicas of each expert-parallel expert: the expert groups of the data-parallel ranks."""
+        return self.dp // self.ep
+
+    @property
+    def expert_shard(self) -> bool:
+        """Whether expert-parallel experts (their weights, gradients and AdamW state) are sharded over
+        their replicas by FSDP, as InternEvo's expert ZeRO group does (internlm.expert_parallel)."""
+        return self.ep > 1 and self.edp > 1 and self.expert_zero
 
     @property
     def fsdp(self) -> bool:
@@ -176,7 +195,9 @@ class ParallelDims:
                 f"tp={self.tp} ({self.tp_mode}{f', wp={self.wp}' if self.wp > 1 else ''}"
                 f"{f', head={self.head} x context={self.context}' if self.context > 1 else ''})"
                 + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else "")
-                + (f" ep={self.ep}" if self.ep > 1 else ""))
+                + (f" ep={self.ep}" if self.ep > 1 else "")
+                + (f" (experts {'sharded over' if self.expert_shard else 'whole on'} edp={self.edp})"
+                   if self.ep > 1 and self.edp > 1 else ""))
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),

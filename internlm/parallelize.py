@@ -143,13 +143,18 @@ def apply_compile(model: InternLM):
 
 
 def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
-                      prefetch: bool = True, ignored_params: set | None = None):
+                      prefetch: bool = True, ignored_params: set | None = None, experts: tuple | None = None):
     """FSDP2/HSDP: shard within dp_shard (zero1 size), replicate across dp_replicate. Master weights
     stay fp32; compute runs in `param_dtype`; gradients are reduced in fp32. `ignored_params` (expert-
-    parallel experts) are left to their own layout."""
+    parallel experts kept whole on each replica) are left to their own layout; `experts` = (expert
+    mesh,) shards expert-parallel experts over their replicas first (internlm.expert_parallel)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if experts is not None:
+        from internlm.expert_parallel import shard_experts_over_edp
+
+        shard_experts_over_edp(model, *experts, mp, reshard_after_forward)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block is resharded by the root right away; skipping it avoids a re-gather
@@ -190,11 +195,16 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
         from internlm.moe_sequence_parallel import route_over_sequence
 
         route_over_sequence(model, mesh["tp"].get_group(), dims.isp, dims)  # MoE layers route whole micro-batches
-    experts = None
+    experts = expert_fsdp = None
     if dims.ep > 1:
         from internlm.expert_parallel import apply_expert_parallel
 
-        experts = set(apply_expert_parallel(model, dims.expert_mesh(mesh.device_type), dims.ep))
+        emesh = dims.expert_mesh(mesh.device_type)
+        expert_params = set(apply_expert_parallel(model, emesh, dims.ep, dims.expert_shard))
+        if dims.expert_shard:  # an FSDP module of their own over edp
+            expert_fsdp = (emesh,)
+        else:  # whole on each replica: FSDP leaves them alone
+            experts = expert_params
     policy = model_cfg.checkpoint_policy
     n_ckpt = apply_activation_checkpointing(model, model_cfg.checkpoint, policy)
     if n_ckpt:
@@ -204,7 +214,7 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
     if dims.fsdp:
         apply_hybrid_zero(model, dims.fsdp_mesh(mesh), compute_dtype,
                           reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero),
-                          ignored_params=experts)
+                          ignored_params=experts, experts=expert_fsdp)
         return True
     return False
 

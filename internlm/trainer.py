@@ -26,6 +26,11 @@ from internlm.parallelize import init_parameters, parallelize
 from internlm.perf import kernel_report, tune_cpu_malloc
 
 
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter this rank stores (its shard of a sharded DTensor)."""
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 class Trainer:
     def __init__(self, cfg, launcher: str = "torch", port: int | None = None):
         setup_logging()
@@ -125,7 +130,9 @@ class Trainer:
                 self.moe.attach(part)
         # without FSDP's mixed precision the fp32 weights are kept and compute runs under autocast
         self.autocast_dtype = None if (fsdp or self.dtype == torch.float32) else self.dtype
-        logger.info(f"model {cfg.model_type}: {args.num_params() / 1e6:.2f}M parameters, "
+        stored = sum(_local_numel(p) for part in self.model_parts for p in part.parameters())
+        logger.info(f"model {cfg.model_type}: {args.num_params() / 1e6:.2f}M parameters "
+                    f"({stored / 1e6:.2f}M stored on rank {self.rank}), "
                     f"attention={self.model_kernels.attn_backend}, dtype={self.dtype}, "
                     f"autocast={'on' if self.autocast_dtype else 'off'}")
 

@@ -319,8 +319,8 @@ class ExpertWeightConfig:
 @dataclass(frozen=True, kw_only=True)
 class ExpertZeroConfig:
     SHORTHAND: ClassVar[str] = "size"
-    size: int = key(-1, "InternEvo's ZeRO group of expert parameters",
-                    inert="expert parameters are sharded by zero1 with the others")
+    size: int = key(-1, "expert-parallel experts sharded over their replicas (-1: all of them, as InternEvo's "
+                        "expert ZeRO group; 1: a whole copy on each); with expert.size=1 zero1 shards experts")
 
 
 @dataclass(frozen=True, kw_only=True)

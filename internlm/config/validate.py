@@ -134,6 +134,12 @@ def validate(cfg, world_size: int | None = None) -> None:
             raise ConfigError(f"model.num_experts={model.num_experts} is not divisible by the expert-parallel size "
                               f"{ep} (parallel.expert.size={par.expert.size}): each rank holds the same number of "
                               f"experts.")
+        edp, ez = dp // ep, par.expert_zero1.size
+        if ez not in (1, edp) and ez > 0:
+            raise ConfigError(f"parallel.expert_zero1.size={ez}: expert-parallel experts are sharded over all of "
+                              f"their {edp} replica(s) (data-parallel size {dp} / expert.size {ep}; size=-1 or "
+                              f"{edp}) or kept whole on each (size=1); smaller ZeRO groups for experts are not "
+                              f"supported.")
     zero1 = par.zero1.size
     if dp % shard_group_size(zero1, dp):
         raise ConfigError(f"parallel.zero1.size={zero1} does not divide the data-parallel size {dp} (world size "

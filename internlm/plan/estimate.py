@@ -178,8 +178,12 @@ def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int
         comm["dp_shard/all_gather"] = micro_num * _ring(act_bytes * gathered, shard)
         comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * numel, shard)
         if replicate > 1:
-            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(4 * (s0.stored_numel - s0.expert_numel),
-                                                                    replicate)
+            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(
+                4 * (s0.stored_numel - s0.expert_stored_numel), replicate)
+        if dims.expert_shard:  # expert-parallel experts: an FSDP unit per layer over their replicas
+            experts = s0.expert_numel * (2 if dims.reshard_after_forward else 1)
+            comm["edp/all_gather"] = micro_num * _ring(act_bytes * experts, dims.edp)
+            comm["edp/reduce_scatter"] = micro_num * _ring(4 * s0.expert_numel, dims.edp)
     if dims.tensor_parallel > 1:
         x = tokens * h * act_bytes
         # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs, the
@@ -277,7 +281,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
             if dims.reshard_after_forward:  # the gathered block and the prefetched one
                 mem["compute_weights"] = act_bytes * 2 * s.largest_block_numel
             else:  # FSDP keeps every gathered weight from forward to backward (also when it shards 1 way)
-                mem["compute_weights"] = act_bytes * (s.compute_numel - s.expert_numel)
+                # (and the experts, when FSDP shards them over their replicas)
+                mem["compute_weights"] = act_bytes * (s.compute_numel - (0 if dims.expert_shard else s.expert_numel))
             # a block's unsharded gradient (and its fp32 copy for the reduce-scatter under bf16 compute)
             mem["gradient_buffers"] = (act_bytes + (4 if act_bytes != 4 else 0)) * s.largest_block_numel
         elif act_bytes == 2:  # autocast caches its bf16 casts of the weights for the step

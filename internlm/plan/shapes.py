@@ -36,8 +36,9 @@ class StageShapes:
     largest_block_numel: int  # compute elements of the largest transformer block (FSDP's unit)
     param_names: list[str] = field(default_factory=list)
     last_blocks_numel: int = 0  # compute elements of each model part's last block (FSDP keeps them gathered)
-    expert_numel: int = 0  # local elements of expert-parallel experts (left out of FSDP)
+    expert_numel: int = 0  # compute elements of expert-parallel experts (left out of the blocks' FSDP)
     moe_layers: int = 0  # MoE feed-forward layers on this rank
+    expert_stored_numel: int = 0  # their stored elements (fewer when sharded over their replicas, edp)
 
 
 @contextlib.contextmanager
@@ -89,7 +90,7 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
             ids = pipeline.stage_ids_of_rank(pp_rank, dims.pp, dims.num_chunks, dims.pp_mode)
             out.append(StageShapes(pp_rank, ids, mid.num_layers, False, False, mid.stored_numel, mid.compute_numel,
                                    mid.largest_block_numel, mid.param_names, mid.last_blocks_numel,
-                                   mid.expert_numel, mid.moe_layers))
+                                   mid.expert_numel, mid.moe_layers, mid.expert_stored_numel))
             continue
         rank = pp_rank * dims.dp * dims.tp
         with fake_world(dims.world_size, rank):
@@ -101,7 +102,7 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
                 parts = [pipeline.build_stage_module(full, sid, num_stages) for sid in ids]
             else:
                 ids, parts = [0], [full]
-            stored = compute = largest = layers = last_blocks = experts = n_moe = 0
+            stored = compute = largest = layers = last_blocks = experts = experts_stored = n_moe = 0
             names = []
             for part in parts:
                 parallelize(part, dims, mesh, cfg.model, dtype, cfg.hybrid_zero_optimizer)
@@ -110,7 +111,8 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
                     compute += _compute_numel(p)
                     names.append(name)
                     if isinstance(p, DTensor) and "ep" in (p.device_mesh.mesh_dim_names or ()):
-                        experts += _stored_numel(p)
+                        experts += _compute_numel(p)
+                        experts_stored += _stored_numel(p)
                 blocks = list(part.layers.values())
                 for block in blocks:
                     largest = max(largest, sum(_compute_numel(p) for p in block.parameters()))
@@ -121,6 +123,6 @@ def stage_shapes(cfg, dims: ParallelDims, middle_once: bool = False) -> list[Sta
             out.append(StageShapes(pp_rank, ids, layers, first=0 in ids, last=num_stages - 1 in ids,
                                    stored_numel=stored, compute_numel=compute, largest_block_numel=largest,
                                    param_names=names, last_blocks_numel=last_blocks, expert_numel=experts,
-                                   moe_layers=n_moe))
+                                   moe_layers=n_moe, expert_stored_numel=experts_stored))
             dims._fsdp_mesh = dims._sp_groups = dims._expert_mesh = None  # meshes of the fake group
     return out

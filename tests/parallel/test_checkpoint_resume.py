@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -180,6 +181,33 @@ def test_reshard_moe_ep2_to_one_process(ws, moe_reference):
     got = {**first.by_step(), **second.by_step()}
     ref = moe_reference.by_step()
     assert [got[s]["moe_load"] for s in range(1, 13)] == [ref[s]["moe_load"] for s in range(1, 13)]
+
+
+def _stored_on_rank0(run: launcher.RunResult) -> float:
+    return float(re.search(r"\(([\d.]+)M stored on rank 0\)", run.out).group(1))
+
+
+def test_moe_experts_sharded_over_their_replicas_resume_whole(ws):
+    """ep2 on 4 ranks: each expert has two replicas (edp=2), which shard its weights, gradients and AdamW
+    state (InternEvo's expert ZeRO group, the default). Saved at step 6, the run continues on 2 ranks
+    with whole experts (expert_zero1.size=1): the losses, gradient norms and expert loads of the
+    uninterrupted single-process run."""
+    reference = _ok(ws.train(1, ws.root / "moe_ref4_ckpt", *MOE, "data.micro_num=4"))  # 4 sequences a step
+    ckpt = ws.root / "moe_ep2_edp2"
+    first = _ok(ws.train(4, ckpt, *MOE, "data.micro_num=1", "parallel.expert.size=2", "data.total_steps=6"))
+    assert "ep=2 (experts sharded over edp=2)" in first.out
+    second = _ok(ws.train(2, ckpt, *MOE, "parallel.zero1.size=2", "parallel.expert.size=2",
+                          "parallel.expert_zero1.size=1"))
+    assert "resumed from" in second.out and "(step 6" in second.out
+    _assert_same_metrics(reference, [first, second], rtol=1e-4)
+    got = {**first.by_step(), **second.by_step()}
+    ref = reference.by_step()
+    assert [got[s]["moe_load"] for s in range(1, 13)] == [ref[s]["moe_load"] for s in range(1, 13)]
+    # the sharded run's rank 0 stores half of its experts' weights: less than a whole copy on 4 ranks
+    whole = _ok(ws.train(4, ws.root / "moe_ep2_edp2_whole", *MOE, "data.micro_num=1", "parallel.expert.size=2",
+                         "parallel.expert_zero1.size=1", "data.total_steps=1"))
+    assert "ep=2 (experts whole on edp=2)" in whole.out
+    assert _stored_on_rank0(first) < _stored_on_rank0(whole)
 
 
 # ---- crash safety --------------------------------------------------------------------------------

@@ -103,6 +103,9 @@ LAYOUTS = [
     # expert parallelism: experts spread over the data-parallel ranks, tokens sent by all-to-all
     Layout("moe_ep2", 2, 2, ("parallel.expert.size=2",), reference=MOE),
     Layout("moe_ep2_dp4_zero1-2", 4, 4, ("parallel.expert.size=2", "parallel.zero1.size=2"), reference=MOE),
+    # (experts sharded over their 2 replicas above, InternEvo's expert ZeRO; whole on each here)
+    Layout("moe_ep2_dp4_whole_experts", 4, 4, ("parallel.expert.size=2", "parallel.expert_zero1.size=1"),
+           reference=MOE),
     Layout("moe8_ep4", 4, 4, ("parallel.expert.size=4",), reference=MOE8),
     Layout("moe_ep2_fsdp_checkpoint", 2, 2, ("parallel.expert.size=2", "parallel.zero1.fsdp=True",
                                              "model.checkpoint=True"), reference=MOE),

@@ -44,6 +44,7 @@ LAYOUTS = [
     comm_layout("isp4_double_ring", 4, ("parallel.tensor.size=4", *ISP, *S2D, "parallel.sequence_2D.head_size=1",
                                        "parallel.sequence_2D.context_size=4", "parallel.sequence_2D.window_size=2")),
     comm_layout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
+    comm_layout("moe_ep2_edp2", 4, (*MOE, "parallel.expert.size=2", "data.micro_num=1")),  # experts sharded
     comm_layout("moe_tp2_msp", 2, (*MOE, "parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
     comm_layout("moe_isp2", 2, (*MOE, "parallel.tensor.size=2", *ISP)),
 ]

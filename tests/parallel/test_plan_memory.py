@@ -38,6 +38,7 @@ LAYOUTS = [
     mem_layout("isp2_wp2", 2, (*ISP, "parallel.weight.size=2")),
     mem_layout("moe_dp2", 2, (*MOE, "parallel.zero1.size=2")),
     mem_layout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
+    mem_layout("moe_ep2_edp2", 4, (*MOE, "parallel.expert.size=2")),  # experts sharded
 ]
 
 

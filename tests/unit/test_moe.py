@@ -136,6 +136,8 @@ MOE_KEYS = ("model_type=INTERNLM_MoE", "model.num_experts=4")
     (6, (*MOE_KEYS, "parallel.expert.size=3"), "model.num_experts=4 is not divisible by the expert-parallel size 3"),
     (1, (*MOE_KEYS, "moe.noisy_gate_policy='Jitter'"), "routing has no noise here"),
     (1, (*MOE_KEYS, "parallel.expert_weight.size=2"), "parallel.expert_weight.size"),
+    (8, (*MOE_KEYS, "parallel.expert.size=2", "parallel.expert_zero1.size=2"),
+     "parallel.expert_zero1.size=2: expert-parallel experts are sharded over all of their 4 replica(s)"),
 ])
 def test_moe_config_errors_name_the_key(world, overrides, message):
     from internlm.config.checks import ConfigError
@@ -152,6 +154,19 @@ def test_expert_size_resolves_as_internevo(size, world, ep):
     dims = ParallelDims.from_config(cfg, world)
     assert dims.ep == ep  # -1/0: the data-parallel size, capped at the 4 experts
     assert (f"ep={ep}" in dims.describe()) == (ep > 1)
+
+
+@pytest.mark.parametrize("world, zero, shard, line", [
+    (8, -1, True, "ep=2 (experts sharded over edp=4)"), (8, 4, True, "ep=2 (experts sharded over edp=4)"),
+    (8, 1, False, "ep=2 (experts whole on edp=4)"), (2, -1, False, "ep=2"), (2, 1, False, "ep=2")])
+def test_expert_zero1_shards_experts_over_their_replicas(world, zero, shard, line):
+    """InternEvo's expert ZeRO group: -1 (or edp) shards expert-parallel experts over their replicas."""
+    from internlm.parallel_dims import ParallelDims
+
+    dims = ParallelDims.from_config(_validate(world, *MOE_KEYS, "parallel.expert.size=2",
+                                              f"parallel.expert_zero1.size={zero}"), world)
+    assert dims.expert_shard == shard
+    assert dims.describe().endswith(line)
 
 
 def test_expert_mesh_of_a_pipeline_stage():
