@@ -109,6 +109,7 @@ def validate(cfg, world_size: int | None = None) -> None:
         if par.pipeline.mode == "zbv" and chunks != 2:
             raise ConfigError(f"parallel.pipeline.mode='zbv' runs two stages per rank: set model.num_chunks=2 "
                               f"(got {chunks}).")
+        _check_micro_num(full.data.micro_num, pp, chunks, par.pipeline.mode)
 
     _check_moe(full, tp, pp)
 
@@ -145,6 +146,25 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.zero1.size={zero1} does not divide the data-parallel size {dp} (world size "
                           f"{world_size} / (tensor {tp} * pipeline {pp})); use a divisor of {dp}, or -1 to shard "
                           f"over all data-parallel ranks.")
+
+
+def _check_micro_num(m: int, pp: int, chunks: int, mode: str) -> None:
+    """The micro-batch counts PyTorch's pipeline schedules accept (else a bare ValueError at the first step)."""
+    if mode in ("gpipe", "zbv"):
+        return
+    if mode != "zbh1" and chunks == 1:
+        if m < pp:
+            raise ConfigError(f"data.micro_num={m} is fewer than the {pp} pipeline stages: 1F1B needs at least one "
+                              f"micro-batch per stage; set data.micro_num={pp} (or more), or "
+                              f"parallel.pipeline.mode='gpipe'.")
+        return
+    rounds = max(1, m // pp)
+    if m % rounds:
+        name = "zero-bubble (zbh1)" if mode == "zbh1" else "interleaved 1F1B"
+        raise ConfigError(f"data.micro_num={m} does not fit the {name} schedule over parallel.pipeline.size={pp}: "
+                          f"PyTorch runs it in micro_num // {pp} = {rounds} rounds of equal size, so micro_num must "
+                          f"be a multiple of {rounds} (any multiple of {pp} is); use data.micro_num={rounds * pp} "
+                          f"or {(rounds + 1) * pp}.")
 
 
 def _check_moe(full, tp: int, pp: int) -> None:

@@ -16,7 +16,7 @@ from internlm.config import torch_dtype
 from internlm.metrics import active_ffn_width, step_throughput
 from internlm.parallel_dims import ParallelDims
 from internlm.plan.hardware import Hardware
-from internlm.plan.shapes import StageShapes, stage_shapes
+from internlm.plan.shapes import StageShapes, schedule_in_flight, stage_shapes
 
 GiB = 2**30
 
@@ -92,18 +92,11 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
 
 
 def in_flight(dims: ParallelDims, pp_rank: int, micro_num: int) -> float:
-    """Micro-batches whose activations a pipeline rank holds at its peak, in units of the whole rank's
-    layers: 1F1B-style schedules hold pp - rank (first stage most); interleaved ones (v chunks) hold
-    ((pp - rank - 1) * 2 + (v - 1) * pp + 1) chunk-micro-batches of 1/v of the layers; GPipe holds all."""
-    if dims.pp == 1:
-        return 1.0
-    if dims.pp_mode == "gpipe":
-        return float(micro_num)
-    v = dims.num_chunks
-    if v > 1:
-        chunks = min(micro_num * v, (dims.pp - pp_rank - 1) * 2 + (v - 1) * dims.pp + 1)
-        return chunks / v
-    return float(min(micro_num, dims.pp - pp_rank))
+    """Micro-batches whose activations a pipeline rank holds at its peak, in units of the rank's layers,
+    from the trainer's schedule object (shapes.schedule_in_flight). For 1F1B that is min(m, pp - rank),
+    for GPipe m, for interleaved 1F1B (v chunks) ((pp - rank - 1) * 2 + (v - 1) * pp + 1) / v; ZB-H1 and
+    ZBV hold pp on every rank (their papers' 1F1B-sized peak)."""
+    return schedule_in_flight(dims.pp, dims.num_chunks, dims.pp_mode, pp_rank, micro_num)
 
 
 def bubble_fraction(dims: ParallelDims, micro_num: int) -> float:

@@ -131,6 +131,10 @@ LAYOUT_ERRORS = [
     (("parallel.tensor.mode='isp'", "parallel.tensor.size=4"), "model.num_kv_attention_heads=2 is not divisible"),
     (("parallel.weight.size=2",), "parallel.weight.size=2 works within InternEvo's isp mode"),
     (("parallel.zero1.size=-2",), "parallel.zero1.size"),
+    # PyTorch's schedules refuse these micro-batch counts at the first step, deep inside a rank
+    (("parallel.pipeline.size=4", "data.micro_num=2"), "data.micro_num=2 is fewer than the 4 pipeline stages"),
+    (("parallel.pipeline.size=2", "model.num_chunks=2", "data.micro_num=5"),
+     "data.micro_num=5 does not fit the interleaved 1F1B schedule over parallel.pipeline.size=2"),
 ]
 
 

@@ -63,6 +63,24 @@ def test_stage_shapes_split_the_pipeline(tmp_path):
     assert sum(s.compute_numel for s in stages) == sharded + replicated
 
 
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_activations_follow_the_schedule_object(pp):
+    """The micro-batches a pipeline rank holds at its peak come from walking the trainer's schedule: the
+    closed forms of 1F1B, GPipe and interleaved 1F1B, and the zero-bubble schedules' 1F1B-sized peak on
+    every rank (held until the weight-gradient half; ZBV balances its V, which the interleaved form did
+    not)."""
+    from internlm.plan.shapes import schedule_in_flight
+
+    m = 4 * pp
+    for rank in range(pp):
+        assert schedule_in_flight(pp, 1, "1f1b", rank, m) == pp - rank
+        assert schedule_in_flight(pp, 1, "gpipe", rank, 1) == 1
+        assert schedule_in_flight(pp, 1, "gpipe", rank, m) == m
+        assert schedule_in_flight(pp, 2, "1f1b", rank, m) == ((pp - rank - 1) * 2 + pp + 1) / 2
+        assert schedule_in_flight(pp, 2, "zbh1", rank, m) == pp
+        assert schedule_in_flight(pp, 2, "zbv", rank, m) == pp
+
+
 def test_zero1_shards_what_the_optimizer_holds(tmp_path):
     one = plan(_tiny(tmp_path, "parallel.zero1.size=1"), 8, GPUS["H100-80GB"])
     eight = plan(_tiny(tmp_path, "parallel.zero1.size=8"), 8, GPUS["H100-80GB"])
