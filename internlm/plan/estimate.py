@@ -16,7 +16,8 @@ from internlm.config import torch_dtype
 from internlm.metrics import active_ffn_width, step_throughput
 from internlm.parallel_dims import ParallelDims
 from internlm.plan.hardware import Hardware
-from internlm.plan.shapes import StageShapes, schedule_in_flight, stage_shapes
+from internlm.plan.schedule import schedule_bubble, schedule_in_flight
+from internlm.plan.shapes import StageShapes, stage_shapes
 
 GiB = 2**30
 
@@ -93,20 +94,18 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
 
 def in_flight(dims: ParallelDims, pp_rank: int, micro_num: int) -> float:
     """Micro-batches whose activations a pipeline rank holds at its peak, in units of the rank's layers,
-    from the trainer's schedule object (shapes.schedule_in_flight). For 1F1B that is min(m, pp - rank),
+    from the trainer's schedule object (schedule.schedule_in_flight). For 1F1B that is min(m, pp - rank),
     for GPipe m, for interleaved 1F1B (v chunks) ((pp - rank - 1) * 2 + (v - 1) * pp + 1) / v; ZB-H1 and
     ZBV hold pp on every rank (their papers' 1F1B-sized peak)."""
     return schedule_in_flight(dims.pp, dims.num_chunks, dims.pp_mode, pp_rank, micro_num)
 
 
 def bubble_fraction(dims: ParallelDims, micro_num: int) -> float:
-    """Idle time of the schedule over its busy time: (pp-1)/m for GPipe and 1F1B, divided by the chunks
-    when interleaved; the zero-bubble schedules (zbh1, zbv) fill about two thirds of it with weight-
-    gradient work (their papers' figure for equal F, B and W times)."""
-    if dims.pp == 1:
-        return 0.0
-    base = (dims.pp - 1) / (micro_num * max(dims.num_chunks, 1))
-    return base / 3 if dims.pp_mode in ("zbh1", "zbv") else base
+    """Idle time of the slowest pipeline rank over its busy time, from replaying the trainer's schedule
+    (schedule.schedule_bubble): (pp-1)/m for GPipe and 1F1B, divided by the chunks when interleaved;
+    about a third of that for the zero-bubble schedules once micro_num >= 2 pp (weight-gradient work
+    fills the rest), more below it."""
+    return schedule_bubble(dims.pp, dims.num_chunks, dims.pp_mode, micro_num)
 
 
 def _groups_bandwidth(dims: ParallelDims, hw: Hardware, gpus_per_node: int) -> dict:

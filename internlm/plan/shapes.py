@@ -8,7 +8,6 @@ same code that will train it (no second description of the model that could drif
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -54,37 +53,6 @@ def fake_world(world_size: int, rank: int):
         yield
     finally:
         dist.destroy_process_group()
-
-
-@functools.lru_cache(maxsize=256)
-def schedule_in_flight(pp: int, num_chunks: int, mode: str, pp_rank: int, micro_num: int) -> float:
-    """Micro-batches whose activations pipeline rank `pp_rank` holds at its peak, in units of the rank's
-    layers, read from the trainer's own schedule object (pipeline.build_schedule on stand-in stages, under
-    a fake process group): walking the rank's actions, a forward of a stage adds one of its micro-batches,
-    the backward that ends it (the weight-gradient half under the zero-bubble schedules, which keep the
-    matmul inputs until then) removes it; a stage holds 1/num_chunks of the rank's layers."""
-    from torch import nn
-    from torch.distributed.pipelining.schedules import _ComputationType
-
-    if pp == 1:
-        return 1.0
-    ends = (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT)
-    with fake_world(pp, pp_rank):
-        ids = pipeline.stage_ids_of_rank(pp_rank, pp, num_chunks, mode)
-        stand_ins = [nn.Linear(1, 1, device="meta") for _ in ids]
-        schedule, _ = pipeline.build_schedule(stand_ins, ids, pp * num_chunks, torch.device("cpu"),
-                                              dist.group.WORLD, micro_num, None, mode, num_chunks)
-        held: dict[int, int] = {}
-        peak = 0
-        for action in schedule.pipeline_order[pp_rank]:
-            if action is None:
-                continue
-            if action.computation_type == _ComputationType.FORWARD:
-                held[action.stage_index] = held.get(action.stage_index, 0) + 1
-            elif action.computation_type in ends:
-                held[action.stage_index] -= 1
-            peak = max(peak, sum(held.values()))
-    return peak / num_chunks
 
 
 def _compute_numel(p: torch.Tensor) -> int:

@@ -69,7 +69,7 @@ def test_pipeline_activations_follow_the_schedule_object(pp):
     closed forms of 1F1B, GPipe and interleaved 1F1B, and the zero-bubble schedules' 1F1B-sized peak on
     every rank (held until the weight-gradient half; ZBV balances its V, which the interleaved form did
     not)."""
-    from internlm.plan.shapes import schedule_in_flight
+    from internlm.plan.schedule import schedule_in_flight
 
     m = 4 * pp
     for rank in range(pp):
@@ -79,6 +79,24 @@ def test_pipeline_activations_follow_the_schedule_object(pp):
         assert schedule_in_flight(pp, 2, "1f1b", rank, m) == ((pp - rank - 1) * 2 + pp + 1) / 2
         assert schedule_in_flight(pp, 2, "zbh1", rank, m) == pp
         assert schedule_in_flight(pp, 2, "zbv", rank, m) == pp
+
+
+@pytest.mark.parametrize("pp", [2, 4, 8])
+def test_pipeline_bubble_replays_the_schedule(pp):
+    """Replaying every rank's actions with the stage dependencies gives the textbook bubbles: (pp-1)/m for
+    GPipe and 1F1B, halved by two interleaved chunks; the zero-bubble schedules fill two thirds of the
+    interleaved one with weight-gradient work once m >= 2 pp, less with fewer micro-batches."""
+    from internlm.plan.schedule import schedule_bubble
+
+    for m in (pp, 2 * pp, 4 * pp):
+        one_f_one_b = (pp - 1) / m
+        assert schedule_bubble(pp, 1, "1f1b", m) == pytest.approx(one_f_one_b)
+        assert schedule_bubble(pp, 1, "gpipe", m) == pytest.approx(one_f_one_b)
+        assert schedule_bubble(pp, 2, "1f1b", m) == pytest.approx(one_f_one_b / 2)
+        zero_bubble = [schedule_bubble(pp, 2, mode, m) for mode in ("zbh1", "zbv")]
+        assert all(z < one_f_one_b / 2 for z in zero_bubble)
+        if m >= 2 * pp:
+            assert zero_bubble == pytest.approx([one_f_one_b / 6] * 2)
 
 
 def test_zero1_shards_what_the_optimizer_holds(tmp_path):
