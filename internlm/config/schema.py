@@ -86,8 +86,10 @@ class ModelConfig:
     init_std: float = key(0.02, "standard deviation of the initial weights", gt=0)
     checkpoint: bool | float = key(False, "activation checkpointing: True/False or the fraction of layers",
                                    check=checks.bool_or_fraction)
-    checkpoint_policy: str = key("full", "activation checkpointing: recompute whole blocks (full) or all but "
-                                         "matmuls and attention (selective)", choices=("full", "selective"))
+    checkpoint_policy: str = key("full", "activation checkpointing: recompute whole blocks (full), all but "
+                                         "matmuls and attention (selective), or also every other matmul "
+                                         "(selective_op, torchtitan's op-level policy)",
+                                 choices=("full", "selective", "selective_op"))
     compile: bool = key(False, "torch.compile each transformer block")
     attn_backend: str = key("auto", "attention kernel: auto, flash, varlen, sdpa, sdpa_mask, sdpa_loop",
                             choices=("auto", "flash", "varlen", "sdpa", "sdpa_mask", "sdpa_loop"))

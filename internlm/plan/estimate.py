@@ -43,8 +43,8 @@ class Plan:
 def describe_layout(dims: ParallelDims, cfg) -> str:
     ck = cfg.model.checkpoint
     ck = {True: "full", False: "off"}.get(ck, ck)
-    if ck != "off" and cfg.model.checkpoint_policy == "selective":
-        ck = "selective" if ck == "full" else f"selective:{ck}"
+    if ck != "off" and cfg.model.checkpoint_policy != "full":
+        ck = cfg.model.checkpoint_policy if ck == "full" else f"{cfg.model.checkpoint_policy}:{ck}"
     parts = [f"tp={dims.tp}" + (f"({dims.tp_mode})" if dims.tp > 1 else ""), f"pp={dims.pp}",
              f"dp={dims.dp}", f"zero1={dims.dp_shard}"]
     if dims.pp > 1:
@@ -71,7 +71,8 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
       rotary: q, k and their rotated halves (2h + 2kv each); attention: q, k, v and output (2h+4kv+2h);
       SwiGLU: w1 out, silu out, w3 out, product (2f each): 8f.
     Selective checkpointing keeps the matmul and attention outputs (q, k, v, attention, wo, w1, w3, w2:
-    8h + 4kv + 4f at 2 bytes) and the block input; full checkpointing keeps the block input only.
+    8h + 4kv + 4f at 2 bytes) and the block input; selective_op every other matmul's (q, v, attention,
+    w1, w2: 6h + 2kv + 2f); full checkpointing keeps the block input only.
     Tensor parallelism divides the head and FFN parts; sequence parallelism (msp, isp) divides all.
     MoE: the FFN part at the active width (top_k experts per token), plus the routed rows each expert
     keeps (its input rows and its output before weighting: 2 top_k h), twice under expert parallelism
@@ -84,8 +85,8 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
         moe = b * 2 * 2 * args.top_k * h * (2 if dims.ep > 1 else 1) / tp + 3 * 4 * args.num_experts
     if policy == "full":
         return residual_bytes * h / (tp if seq_split else 1)
-    if policy == "selective":
-        inner = b * (8 * h + 4 * kv + 4 * f) / tp
+    if policy in ("selective", "selective_op"):
+        inner = b * ((8 * h + 4 * kv + 4 * f) if policy == "selective" else (6 * h + 2 * kv + 2 * f)) / tp
         return inner + residual_bytes * h / (tp if seq_split else 1)
     norms = b * 16 * h / (tp if seq_split else 1)
     inner = b * (8 * h + 8 * kv + 8 * f) / tp
@@ -313,6 +314,9 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
             recompute = n_ck / s.num_layers * (t_gemm + t_attn + t_elem) / 3
         elif n_ck:
             recompute = n_ck / s.num_layers * t_elem / 3
+            if policy == "selective_op":  # the forward of wk, wo and w3 again
+                again = (h * kv + q * h + h * f) / layer_weights
+                recompute += n_ck * 2 * tokens * layer_weights * again / split / gemm_rate
         t = t_gemm + t_attn + t_elem
         if t + recompute > worst:
             worst = t + recompute

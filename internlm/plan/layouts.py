@@ -14,7 +14,8 @@ KEYS = {
     "fsdp": "parallel.zero1.fsdp", "wp": "parallel.weight.size", "ep": "parallel.expert.size",
     "micro_bsz": "data.micro_bsz", "micro_num": "data.micro_num",
 }
-CKPT = {"off": ("False", None), "full": ("True", "full"), "selective": ("True", "selective")}
+CKPT = {"off": ("False", None), "full": ("True", "full"), "selective": ("True", "selective"),
+        "selective_op": ("True", "selective_op")}
 # the planner never reads data: a config naming folders of another machine still plans
 NO_DATA = ["data.train_folder=None", "data.valid_folder=None", "data.type=tokenized"]
 
@@ -60,8 +61,8 @@ def layout_overrides(layout: dict) -> list[str]:
             try:
                 frac = float(value)
             except ValueError:
-                raise LayoutError(f"--layout: ckpt={value!r} must be off, full, selective or a fraction of layers"
-                                  ) from None
+                raise LayoutError(f"--layout: ckpt={value!r} must be off, full, selective, selective_op or a "
+                                  f"fraction of layers") from None
             out.append(f"model.checkpoint={frac}")
     return out
 
@@ -78,8 +79,8 @@ def candidate_layouts(cfg, gpus: int, gpus_per_node: int, tp_modes=("msp", "isp"
     """Layouts worth planning for `gpus`, each keeping the config's global batch (tokens per step):
     tp within a node (`tp_modes`: msp moves the same bytes as mtp and keeps less, so the search leaves
     mtp out), pp up to 8 with at least 4 layers a stage (1F1B, and interleaved x2), zero1 over all of dp
-    or within a node, ZeRO-3 on or off, activation checkpointing off/selective/full, and every micro_bsz
-    up to 8 that keeps the batch whole."""
+    or within a node, ZeRO-3 on or off, activation checkpointing off/selective/selective_op/full, and
+    every micro_bsz up to 8 that keeps the batch whole."""
     m, d = cfg.model, cfg.data
     current_dp = max(1, gpus // (cfg.parallel.tensor.size * cfg.parallel.pipeline.size))
     global_rows = d.micro_bsz * d.micro_num * current_dp  # packed rows per step, kept constant
@@ -99,7 +100,7 @@ def candidate_layouts(cfg, gpus: int, gpus_per_node: int, tp_modes=("msp", "isp"
                 for zero1 in zero1s:
                     for fsdp in ([False, True] if dp > 1 or mode == "isp" else [False]):
                         for chunks in chunk_opts:
-                            for ckpt in ("off", "selective", "full"):
+                            for ckpt in ("off", "selective", "selective_op", "full"):
                                 for mbsz in (1, 2, 4, 8):
                                     if global_rows % (dp * mbsz):
                                         continue

@@ -94,6 +94,8 @@ LAYOUTS = [
     # selective checkpointing under FSDP (dp) and isp: FSDP's hooks stay outside the recomputed region
     Layout("dp2_fsdp_selective_checkpoint", 2, 2, ("parallel.zero1.fsdp=True", *SELECTIVE)),
     Layout("isp2_selective_checkpoint", 2, 1, (*ISP2, *SELECTIVE)),
+    Layout("dp2_fsdp_selective_op_checkpoint", 2, 2, ("parallel.zero1.fsdp=True", "model.checkpoint=True",
+                                                      "model.checkpoint_policy='selective_op'")),
     Layout("isp4_head2_context2_context_first", 4, 1,
            (*ISP4, *S2D(2, 2), "parallel.sequence_2D.device_placement_strategy.head_first=False")),
     # Mixture of Experts (experts replicated, sharded by zero1 / FSDP like every weight)

@@ -30,6 +30,8 @@ LAYOUTS = [
     mem_layout("dp2_fsdp", 2, ("parallel.zero1.fsdp=True",)),
     mem_layout("dp2_selective_checkpoint", 2, ("parallel.zero1.size=2", "model.checkpoint=True",
                                               "model.checkpoint_policy='selective'")),
+    mem_layout("dp2_selective_op_checkpoint", 2, ("parallel.zero1.size=2", "model.checkpoint=True",
+                                                 "model.checkpoint_policy='selective_op'")),
     mem_layout("tp2_mtp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='mtp'")),
     mem_layout("tp2_msp", 2, ("parallel.tensor.size=2", "parallel.tensor.mode='msp'")),
     mem_layout("pp2_1f1b", 2, ("parallel.pipeline.size=2",)),

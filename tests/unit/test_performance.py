@@ -233,6 +233,17 @@ def test_selective_checkpointing_recomputes_only_cheap_ops():
         apply_activation_checkpointing(InternLM(ModelArgs(num_layers=1)), True, "some")
 
 
+def test_selective_op_checkpointing_recomputes_every_other_matmul():
+    """torchtitan's op-level policy: of each block's seven matmuls (wq wk wv wo w1 w3 w2) wk, wo and w3
+    run again in backward (both layers: 6 more mm than without checkpointing), the gradients unchanged."""
+    none_ops, none_grads = _backward_ops_and_grads(None)
+    op_ops, op_grads = _backward_ops_and_grads("selective_op")
+    assert op_ops["mm"] == none_ops["mm"] + 6, (op_ops["mm"], none_ops["mm"])
+    assert op_ops["silu"] == 2
+    for a, b in zip(none_grads, op_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 # ---- the CPU allocator setting --------------------------------------------------------------------
 
 _MALLOC_PROBE = textwrap.dedent("""
