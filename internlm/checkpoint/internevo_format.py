@@ -179,13 +179,27 @@ class InternEvoSource:
         self.wp = max(w for _, w, _ in files) + 1
         self.pp = max(p for _, _, p in files) + 1
         self._check_model_config()
+        self.files = files
+        self.state_dicts = {key: _load(path) for key, path in files.items()}  # (t, w, p) -> that file's tensors
+        self._index({key: (path, self.state_dicts[key]) for key, path in files.items()})
+
+    def over(self, tensors: dict) -> "InternEvoSource":
+        """The same folder's layout over other tensors of the same names and shapes, one dict per model
+        file ((tp rank, wp rank, pp rank) -> {their key: tensor}): e.g. an optimizer's moments."""
+        other = object.__new__(InternEvoSource)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("pieces", "_fused", "state_dicts")})
+        other._index({key: (self.files[key], sd) for key, sd in tensors.items()})
+        return other
+
+    def _index(self, loaded: dict) -> None:
+        """Their global names -> shards, from {(tp rank, wp rank, pp rank): (file, state dict)}."""
         # their global name -> {(tp rank, wp rank): (file, tensor)}
         self.pieces: dict[str, dict[tuple[int, int], tuple[Path, torch.Tensor]]] = {}
         # (pp rank, chunk) -> [(tp/wp ranks, file, their name within the chunk, tensor)]: with num_chunks > 1
         # a stage's file holds a ModuleList of chunks ("0.blocks.0...", "1.blocks.0...")
         chunks: dict[tuple[int, int], list] = {}
-        for (t, w, p), path in sorted(files.items()):
-            for key, tensor in _load(path).items():
+        for (t, w, p), (path, sd) in sorted(loaded.items()):
+            for key, tensor in sd.items():
                 name = key[len("model."):] if key.startswith("model.") else key
                 if name.endswith(_IGNORED):
                     continue

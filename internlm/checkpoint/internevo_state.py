@@ -9,9 +9,8 @@ and checkpoint_manager.py; internlm/core/trainer.py's TrainState):
 - `sampler.pt`: its StaticBatchSampler's state: `epoch`, `num_consumed_samples_in_epoch`, `batch_count`,
   `seed`, and numpy arrays (`rng_state`, `indices`).
 - `schedulder.pt` (sic): the LR scheduler's state (`last_epoch`, `base_lrs`, ...).
-- `optimizer_tp{t}_pp{p}_zo{z}.pt`: HybridZeroOptimizer.state_dict(): AdamW state over one flat fp32
-  partition per parameter group and zero rank, in an order set by InternEvo's own partitioning. Not
-  read: content "optimizer" / "all" is refused with the tuple that works, and AdamW's moments restart.
+- `optimizer_tp{t}_pp{p}_zo{z}.pt`: HybridZeroOptimizer.state_dict(), read by internevo_optim.py when
+  content has "optimizer" (or is "all"): AdamW's moments and step, and the loss scale.
 
 What carries over: the step (so the LR and beta2 schedules continue where InternEvo's stopped, shaped
 by this config as on our own resume), the consumed tokens, and the data position: the epoch and the
@@ -30,7 +29,7 @@ from internlm.checkpoint.internevo_format import load_error
 from internlm.checkpoint.layout import CheckpointError
 
 CONTEXT, SAMPLER, SCHEDULER = "context.pt", "sampler.pt", "schedulder.pt"
-READABLE = ("model", "sampler", "scheduler")
+READABLE = ("model", "sampler", "scheduler", "optimizer", "all")
 
 
 @dataclass
@@ -43,14 +42,11 @@ class InternEvoProgress:
 
 
 def check_content(folder, content) -> None:
-    """What of an InternEvo folder can be loaded: anything but the optimizer."""
+    """What of an InternEvo folder can be loaded: the model, the sampler, the scheduler, the optimizer."""
     wanted = set(content)
     if wanted - set(READABLE):
-        raise CheckpointError(
-            f"{folder} is an InternEvo checkpoint folder: its model weights, step, schedule position and data "
-            f"position load (ckpt.load_ckpt_info content=('model', 'sampler', 'scheduler')), its optimizer state "
-            f"(HybridZeroOptimizer's flat partitions) does not: AdamW's moments restart; got content="
-            f"{tuple(content)!r}")
+        raise CheckpointError(f"{folder} is an InternEvo checkpoint folder: content may hold {READABLE}; got "
+                              f"content={tuple(content)!r}")
 
 
 def _numpy_globals() -> list:

@@ -268,16 +268,28 @@ class CheckpointManager:
             logger.info(f"loaded Meta Llama weights from {path}")
 
     def _load_internevo(self, path, content) -> None:
-        """InternEvo's own folder: the model, and with "sampler"/"scheduler" its progress
-        (internevo_state.py: the step, tokens and data position; the optimizer state is refused)."""
+        """InternEvo's own folder: the model, with "sampler"/"scheduler" its progress (internevo_state.py:
+        the step, tokens and data position), with "optimizer" AdamW's state (internevo_optim.py)."""
         from internlm.checkpoint import internevo_state
 
         internevo_state.check_content(path, content)
+        if "all" in content:
+            content = ("model", "sampler", "scheduler", "optimizer")
         progress = internevo_state.read_progress(path) if set(content) - {"model"} else None
         loaded = []
         if "model" in content:
             internevo_format.load_internevo_into_parts(self.model_parts, path)
             loaded.append("model weights")
+        if "optimizer" in content:
+            from internlm.checkpoint import internevo_optim
+
+            args = self.model_parts[0].args
+            step = internevo_optim.load_internevo_optimizer(self.model_parts, self.optimizer.part_optimizers, path,
+                                                            args)
+            scaler = internevo_optim.read_grad_scaler(path)
+            if scaler and self.optimizer.grad_scaler is not None:
+                self.optimizer.grad_scaler.load_state_dict(scaler)
+            loaded.append(f"AdamW state at its step {step:g}")
         if progress is not None:  # as InternEvo: any content beyond the model loads the train state (context.pt)
             self.train_state.step, self.train_state.consumed_tokens = progress.step, progress.consumed_tokens
             loaded.append(f"step {progress.step}, {progress.consumed_tokens} tokens")
@@ -297,7 +309,8 @@ class CheckpointManager:
                                f"adam.lr={config_lr} (as InternEvo's own load_scheduler does)")
         if self.rank == 0:
             logger.info(f"loaded from InternEvo folder {path}: {'; '.join(loaded)}"
-                        + ("; optimizer moments start fresh" if progress is not None else ""))
+                        + ("; optimizer moments start fresh" if progress is not None and "optimizer" not in content
+                           else ""))
 
     def _continue_internevo_data(self, path, progress) -> None:
         state = dict(self.train_loader.state_dict())

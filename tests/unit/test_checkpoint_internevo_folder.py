@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -342,7 +343,11 @@ def test_manager_dispatches_internevo_folders(monkeypatch, tmp_path):
     assert_same(ref, fresh)
     info = dict(path=str(folder), content=("model", "optimizer"), ckpt_type="internevo")
     mgr.cfg = config_from_dict(tiny_config(ckpt=dict(auto_resume=False, load_ckpt_info=info)))
-    with pytest.raises(CheckpointError, match=r"its optimizer state \(HybridZeroOptimizer's flat partitions\)"):
+    torch.save({"step_count": 4, "num_consumed_samples_in_epoch": 8, "num_consumed_tokens": 512},
+               folder / "context.pt")
+    mgr.optimizer = SimpleNamespace(part_optimizers=[None], grad_scaler=None)
+    with pytest.raises(CheckpointError, match=r"holds no optimizer_tp\{t\}_pp\{p\}_zo\{z\}\.pt file: InternEvo "
+                                              r"saved no optimizer state there"):
         mgr.resume()
 
 

@@ -144,7 +144,8 @@ def test_override_tuple_list_and_dict():
 def test_override_nested_shorthand_and_free_dicts():
     cfg = demo("parallel.tensor=2")
     assert to_dict(cfg.parallel.tensor) == {"size": 2, "mode": "mtp"}
-    cfg = config_from_dict(tiny(parallel=dict(zero1=4, pipeline=2)), ["parallel.zero1.fsdp=True"])
+    cfg = config_from_dict(tiny(parallel=dict(zero1=4, pipeline=2), data=dict(micro_num=2)),
+                           ["parallel.zero1.fsdp=True"])
     assert cfg.parallel.zero1 == ZeroConfig(size=4, fsdp=True) and cfg.parallel.pipeline.size == 2
     cfg = demo("monitor.alert.enable_feishu_alert=False", "MY_VARIABLE=[1, 2]")
     assert cfg.monitor.alert.enable_feishu_alert is False and cfg.user_vars["MY_VARIABLE"] == [1, 2]
