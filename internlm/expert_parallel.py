@@ -27,13 +27,13 @@ from torch.profiler import record_function
 
 from internlm.model.moe import Experts, expert_ffn, moe_layers
 
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
+
 
 def is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
-
-EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 def expert_mesh(device_type: str, world_size: int, ep: int, pp: int = 1, tp: int = 1) -> DeviceMesh:

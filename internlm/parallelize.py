@@ -170,18 +170,19 @@ def apply_compile(model: InternLM):
 
 
 def apply_hybrid_zero(model: InternLM, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: bool,
-                      prefetch: bool = True, ignored_params: set | None = None, experts: tuple | None = None):
+                      prefetch: bool = True, ignored_params: set | None = None,
+                      expert_mesh: DeviceMesh | None = None):
     """FSDP2/HSDP: shard within dp_shard (zero1 size), replicate across dp_replicate. Master weights
     stay fp32; compute runs in `param_dtype`; gradients are reduced in fp32. `ignored_params` (expert-
-    parallel experts kept whole on each replica) are left to their own layout; `experts` = (expert
-    mesh,) shards expert-parallel experts over their replicas first (internlm.expert_parallel)."""
+    parallel experts kept whole on each replica) are left to their own layout; `expert_mesh` (edp, ep)
+    shards expert-parallel experts over their replicas first (internlm.expert_parallel)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if experts is not None:
+    if expert_mesh is not None:
         from internlm.expert_parallel import shard_experts_over_edp
 
-        shard_experts_over_edp(model, *experts, mp, reshard_after_forward)
+        shard_experts_over_edp(model, expert_mesh, mp, reshard_after_forward)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block is resharded by the root right away; skipping it avoids a re-gather
@@ -229,7 +230,7 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
         emesh = dims.expert_mesh(mesh.device_type)
         expert_params = set(apply_expert_parallel(model, emesh, dims.ep, dims.expert_shard))
         if dims.expert_shard:  # an FSDP module of their own over edp
-            expert_fsdp = (emesh,)
+            expert_fsdp = emesh
         else:  # whole on each replica: FSDP leaves them alone
             experts = expert_params
     policy = model_cfg.checkpoint_policy
@@ -241,7 +242,7 @@ def parallelize(model: InternLM, dims: ParallelDims, mesh: DeviceMesh | None, mo
     if dims.fsdp:
         apply_hybrid_zero(model, dims.fsdp_mesh(mesh), compute_dtype,
                           reshard_after_forward=dims.reshard_after_forward, prefetch=fsdp_prefetch(hybrid_zero),
-                          ignored_params=experts, experts=expert_fsdp)
+                          ignored_params=experts, expert_mesh=expert_fsdp)
         return True
     return False
 

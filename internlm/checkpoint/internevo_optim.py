@@ -197,15 +197,15 @@ def read_moments(folder, args) -> tuple[dict[str, InternEvoSource], float, dict 
 
 
 @torch.no_grad()
-def load_internevo_optimizer(model_parts, part_optimizers, folder, args) -> float:
+def load_internevo_optimizer(model_parts, part_optimizers, folder, args) -> tuple[float, dict | None]:
     """Fill our optimizers' AdamW state from an InternEvo folder (any layout: the full moments are
-    distributed as each parameter is). Returns AdamW's step."""
+    distributed as each parameter is). Returns AdamW's step and the loss scale state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     from internlm.checkpoint.state import _FLAT_OPTIM, optimizer_state
     from internlm.hf.weights import copy_full_into
 
-    sources, step, _ = read_moments(folder, args)
+    sources, step, scaler = read_moments(folder, args)
     templates = optimizer_state(model_parts, part_optimizers)  # creates the state on a fresh optimizer
     for part, opt, sd in zip(model_parts, part_optimizers, templates):
         for key in list(sd):
@@ -217,10 +217,4 @@ def load_internevo_optimizer(model_parts, part_optimizers, folder, args) -> floa
             elif what in MOMENTS:
                 copy_full_into(sd[key], sources[what].full_tensor(fqn, sd[key].shape))
         set_optimizer_state_dict(part, opt, sd, options=_FLAT_OPTIM)
-    return step
-
-
-def read_grad_scaler(folder) -> dict | None:
-    """The fp16 loss scale state of the first optimizer file (every rank saves the same)."""
-    files = optimizer_files(Path(folder))
-    return _segments(files[min(files)][0])[1]
+    return step, scaler

@@ -283,10 +283,8 @@ class CheckpointManager:
         if "optimizer" in content:
             from internlm.checkpoint import internevo_optim
 
-            args = self.model_parts[0].args
-            step = internevo_optim.load_internevo_optimizer(self.model_parts, self.optimizer.part_optimizers, path,
-                                                            args)
-            scaler = internevo_optim.read_grad_scaler(path)
+            step, scaler = internevo_optim.load_internevo_optimizer(
+                self.model_parts, self.optimizer.part_optimizers, path, self.model_parts[0].args)
             if scaler and self.optimizer.grad_scaler is not None:
                 self.optimizer.grad_scaler.load_state_dict(scaler)
             loaded.append(f"AdamW state at its step {step:g}")
