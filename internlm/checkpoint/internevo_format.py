@@ -183,13 +183,31 @@ class InternEvoSource:
         self.state_dicts = {key: _load(path) for key, path in files.items()}  # (t, w, p) -> that file's tensors
         self._index({key: (path, self.state_dicts[key]) for key, path in files.items()})
 
-    def over(self, tensors: dict) -> "InternEvoSource":
+    def over(self, tensors: dict, experts: dict | None = None) -> "InternEvoSource":
         """The same folder's layout over other tensors of the same names and shapes, one dict per model
-        file ((tp rank, wp rank, pp rank) -> {their key: tensor}): e.g. an optimizer's moments."""
+        file ((tp rank, wp rank, pp rank) -> {their key: tensor}) and per expert file ((MoE layer, expert,
+        tp rank) -> {their key: tensor}): e.g. an optimizer's moments."""
         other = object.__new__(InternEvoSource)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("pieces", "_fused", "state_dicts")})
+        other.__dict__.update({k: v for k, v in self.__dict__.items()
+                               if k not in ("pieces", "_fused", "state_dicts", "expert_sds")})
         other._index({key: (self.files[key], sd) for key, sd in tensors.items()})
+        if experts is not None:
+            other.expert_sds = dict(experts)
+            other.expert_files = {k: v for k, v in self.expert_files.items() if k in experts}
         return other
+
+    def expert_state_dict(self, key: tuple[int, int, int]) -> dict:
+        """The tensors of model_moe_layer{layer}_expert{e}_tp{t}.pt, key (layer, e, t), read once."""
+        sds = self.__dict__.setdefault("expert_sds", {})
+        if key not in sds:
+            path = self.expert_files.get(key)
+            if path is None:
+                layer, e, t = key
+                raise CheckpointError(f"{self.folder / f'model_moe_layer{layer}_expert{e}_tp{t}.pt'} is missing "
+                                      f"(InternEvo writes each MoE layer's experts one file per expert and tp "
+                                      f"rank).")
+            sds[key] = _load(path)
+        return sds[key]
 
     def _index(self, loaded: dict) -> None:
         """Their global names -> shards, from {(tp rank, wp rank, pp rank): (file, state dict)}."""
@@ -307,16 +325,11 @@ class InternEvoSource:
         for e in range(self.args.num_experts):
             shards = []
             for t in range(self.tp):
-                path = self.expert_files.get((layer, e, t))
-                if path is None:
-                    raise CheckpointError(f"{self.folder / f'model_moe_layer{layer}_expert{e}_tp{t}.pt'} is missing "
-                                          f"(InternEvo writes each MoE layer's experts one file per expert and tp "
-                                          f"rank).")
-                sd = _load(path)
+                sd = self.expert_state_dict((layer, e, t))
                 key = next((k for k in sd if k.endswith(f".wrapped_experts.{e}.{which}.weight")), None)
                 if key is None:
-                    raise CheckpointError(f"{path} holds no '...wrapped_experts.{e}.{which}.weight' (keys: "
-                                          f"{sorted(sd)[:4]}).")
+                    raise CheckpointError(f"{self.expert_files[(layer, e, t)]} holds no '...wrapped_experts.{e}."
+                                          f"{which}.weight' (keys: {sorted(sd)[:4]}).")
                 shards.append(sd[key])
             out.append(torch.cat(shards, dim=_EXPERT_DIM[which]))
         return torch.stack(out), f"model_moe_layer{layer}_expert*_tp*.pt:{which}"

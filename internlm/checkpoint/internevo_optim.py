@@ -21,13 +21,25 @@ parameter's tensor in `model_tp{t}_pp{p}.pt` (InternEvo copies the one into the 
 A segment is matched to the first not yet matched tensor of the file, in the file's order, with its
 shape and those values (tensors equal in value, e.g. norms still at 1, are told apart by that order).
 The moments are then merged over tp and pp exactly as the weights are (internevo_format.InternEvoSource)
-and resharded into this run's layout.
+and resharded into this run's layout. Where the file lacks the plan, it is read from the plan file
+InternEvo writes beside it (HybridZeroOptimizer.rank_unique_id, `gpus-{n}_wp-{w}_tp-{t}_dp-{d}_pp-{p}_zo-{z}.pt`).
+
+isp folders: every rank writes `optimizer_tp{t}_wp{w}_pp{p}_dp{d}.pt` (sequence rank t, weight-parallel
+rank w, data rank d). Its groups: "default" (and "fp32") hold the rank's weight-parallel shard w of the
+block linears and the norms, ZeRO-sharded over the ranks with that shard (ZERO1, a rank not named in
+the file's name: from the plan file, or else the one whose share of the plan the master weights all
+match); "embed_head" (optimizer_mode DATA) holds the embedding and head of sequence rank t, sharded over
+the data ranks d. Each share is read once (the other ranks holding it are replicas).
+
+MoE folders (INTERNLM_MoE): an expert group (`moe=True`, e.g. "moe_ep_size_2") holds the rank's experts
+(those of its expert-parallel rank), ZeRO-sharded over the expert-data ranks; which experts and which
+rank are told by the master weights, which equal the tensors of model_moe_layer{L}_expert{E}_tp{t}.pt.
 
 Read with torch.load(weights_only=True); the one class InternEvo's param groups pickle, its ParallelMode
 enum, is read as its value by a stand-in (no InternEvo code is needed or run).
 
-Not read (one-line errors): isp folders' optimizer files (`optimizer_wp*`), MoE folders' expert groups,
-files without the plan (older InternEvo releases) and HybridZeroOptimizer_v2's format.
+Not read (one-line errors): files with neither the plan nor its plan file (older InternEvo releases),
+HybridZeroOptimizer_v2's format and fsdp folders.
 """
 from __future__ import annotations
 
@@ -39,22 +51,20 @@ import torch
 from internlm.checkpoint.internevo_format import InternEvoSource, load_error
 from internlm.checkpoint.layout import CheckpointError
 
-OPTIM_FILE_RE = re.compile(r"^optimizer_(tp|wp)(\d+)_pp(\d+)_zo(\d+)\.pt$")
+OPTIM_FILE_RE = re.compile(r"^optimizer_tp(\d+)_pp(\d+)_zo(\d+)\.pt$")
+ISP_OPTIM_FILE_RE = re.compile(r"^optimizer_tp(\d+)_wp(\d+)_pp(\d+)_dp(\d+)\.pt$")
+# the plan again, beside the state files: HybridZeroOptimizer.rank_unique_id
+PLAN_FILE_RE = re.compile(r"^gpus-(\d+)_wp-(\d+)_tp-(\d+)_dp-(\d+)_pp-(\d+)_zo-(\d+)\.pt$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def optimizer_files(folder: Path) -> dict[tuple[int, int], list[Path]]:
-    """(tp rank, pp rank) -> its ZeRO ranks' files, in ZeRO order."""
+    """mtp/msp folders: (tp rank, pp rank) -> its ZeRO ranks' files, in ZeRO order."""
     found: dict[tuple[int, int], dict[int, Path]] = {}
     for f in sorted(Path(folder).iterdir()):
         m = OPTIM_FILE_RE.match(f.name)
-        if not m:
-            continue
-        if m.group(1) == "wp":
-            raise CheckpointError(f"{f} is an isp optimizer file: the optimizer state of isp folders cannot be "
-                                  f"loaded so far; load content=('model', 'sampler', 'scheduler') (AdamW's moments "
-                                  f"restart).")
-        found.setdefault((int(m.group(2)), int(m.group(3))), {})[int(m.group(4))] = f
+        if m:
+            found.setdefault((int(m.group(1)), int(m.group(2))), {})[int(m.group(3))] = f
     if not found:
         raise CheckpointError(f"{folder} holds no optimizer_tp{{t}}_pp{{p}}_zo{{z}}.pt file: InternEvo saved no "
                               f"optimizer state there; load content=('model', 'sampler', 'scheduler').")
@@ -65,6 +75,27 @@ def optimizer_files(folder: Path) -> dict[tuple[int, int], list[Path]]:
             raise CheckpointError(f"{Path(folder) / f'optimizer_tp{key[0]}_pp{key[1]}_zo{missing[0]}.pt'} is "
                                   f"missing (the folder has ZeRO ranks up to {max(by_zero)}).")
         out[key] = [by_zero[z] for z in sorted(by_zero)]
+    return out
+
+
+def isp_optimizer_files(folder: Path) -> dict[tuple[int, int, int, int], Path]:
+    """isp folders: (tp rank, wp rank, pp rank, dp rank) -> file (every rank writes its own)."""
+    found = {tuple(int(g) for g in m.groups()): f for f in sorted(Path(folder).iterdir())
+             if (m := ISP_OPTIM_FILE_RE.match(f.name))}
+    if not found:
+        raise CheckpointError(f"{folder} holds no optimizer_tp{{t}}_wp{{w}}_pp{{p}}_dp{{d}}.pt file: InternEvo saved "
+                              f"no optimizer state there; load content=('model', 'sampler', 'scheduler').")
+    return found
+
+
+def _plan_files(folder: Path) -> dict[tuple[int, int, int, int], tuple[int, Path]]:
+    """(tp, wp, pp, dp rank) -> (ZeRO rank, the rank's plan file)."""
+    out = {}
+    for f in sorted(Path(folder).iterdir()):
+        m = PLAN_FILE_RE.match(f.name)
+        if m:
+            _, w, t, d, p, z = (int(g) for g in m.groups())
+            out[(t, w, p, d)] = (z, f)
     return out
 
 
@@ -96,44 +127,70 @@ def _load_optim(path: Path) -> dict:
         raise load_error(path, exc) from None
 
 
-def _segments(path: Path) -> tuple[list[tuple[int, int, tuple, dict]], dict | None]:
-    """[(group, index in the group, shape, {"weight", "exp_avg", "exp_avg_sq", "step"})] of one file, and
-    its grad_scaler state."""
+def _is_data_group(group: dict) -> bool:
+    """isp's "embed_head" group: the embedding and the head, cut over the sequence-parallel ranks and
+    ZeRO-sharded over the data-parallel ranks (optimizer_mode DATA); every other group is over the ranks
+    holding the same weight-parallel shard (ZERO1)."""
+    return group.get("name") == "embed_head" or group.get("optimizer_mode") == "data"
+
+
+def _groups(path: Path, zero: int | None, data_rank: int | None = None, plan=None):
+    """One file's parameter groups: [(group, "zero1" | "data" | "moe", [candidate segment lists])], the file's
+    grad_scaler state. A segment is (group, index in the group, shape, {"weight", "exp_avg", "exp_avg_sq",
+    "step"}). `zero` is the file's ZeRO rank (data-group ones: `data_rank`); None: every ZeRO rank whose
+    share of the plan has the flat tensor's size is a candidate (the master weights decide later)."""
     states = _load_optim(path)
     if not isinstance(states, dict) or "base_optim_states" not in states:
         raise CheckpointError(f"{path} is not a HybridZeroOptimizer state (no 'base_optim_states'); only that "
                               f"optimizer's files can be loaded.")
-    plan, flats = states.get("zero_devide_optim_plan"), states.get("flat_fp32_weights", {})
+    plan = states.get("zero_devide_optim_plan", plan)
+    flats = states.get("flat_fp32_weights", {})
     if plan is None:
-        raise CheckpointError(f"{path} has no zero_devide_optim_plan (InternEvo releases before it was saved): "
-                              f"which parameter each part of the flat state is cannot be known; load "
-                              f"content=('model', 'sampler', 'scheduler').")
+        raise CheckpointError(f"{path} has no zero_devide_optim_plan and no gpus-*_zo-*.pt plan file is beside it "
+                              f"(InternEvo releases before it was saved): which parameter each part of the flat "
+                              f"state is cannot be known; load content=('model', 'sampler', 'scheduler').")
     base = states["base_optim_states"]
-    zero = int(OPTIM_FILE_RE.match(path.name).group(4))
     out = []
     for g, ranks in enumerate(plan):
-        ids = ranks[zero] if zero < len(ranks) else []
-        if not ids:
+        group = base["param_groups"][g] if g < len(base["param_groups"]) else {}
+        kind = "moe" if group.get("moe") else "data" if _is_data_group(group) else "zero1"
+        # an expert group is ZeRO-sharded over the expert-data ranks, which the file's name does not give
+        rank = None if kind == "moe" else data_rank if kind == "data" and data_rank is not None else zero
+        if g not in flats:  # a group without parameters on this rank
+            if rank is not None and rank < len(ranks) and ranks[rank]:
+                raise CheckpointError(f"{path}: group {g} has parameters in the plan but no flat_fp32_weights.")
             continue
-        if g not in flats:
-            raise CheckpointError(f"{path}: group {g} has parameters in the plan but no flat_fp32_weights.")
-        keys = base["param_groups"][g]["params"]
+        keys = group.get("params", [])
         state = base["state"].get(keys[0]) if len(keys) == 1 else None
         if state is None or any(k not in state for k in MOMENTS):
             raise CheckpointError(f"{path}: group {g} has no AdamW state (exp_avg, exp_avg_sq) for its flat "
                                   f"parameter.")
         flat = {"weight": flats[g].reshape(-1), **{k: state[k].reshape(-1) for k in MOMENTS}}
-        shapes = [_shape(i, path) for i in ids]
-        sizes = [int(torch.Size(s).numel()) for s in shapes]
-        if sum(sizes) != flat["weight"].numel():
-            raise CheckpointError(f"{path}: group {g}'s plan covers {sum(sizes)} elements, its flat tensor holds "
-                                  f"{flat['weight'].numel()}.")
         step = float(state["step"]) if "step" in state else 0.0
-        pieces = {k: v.split(sizes) for k, v in flat.items()}
-        for n, (ident, shape) in enumerate(zip(ids, shapes)):
-            out.append((g, int(str(ident).split("_")[0]), shape,
-                        {**{k: pieces[k][n].reshape(shape) for k in pieces}, "step": step}))
+        candidates = []
+        for z in ([rank] if rank is not None else range(len(ranks))):
+            ids = ranks[z] if z < len(ranks) else []
+            shapes = [_shape(i, path) for i in ids]
+            sizes = [int(torch.Size(s).numel()) for s in shapes]
+            if sum(sizes) != flat["weight"].numel():
+                if rank is not None:
+                    raise CheckpointError(f"{path}: group {g}'s plan covers {sum(sizes)} elements, its flat tensor "
+                                          f"holds {flat['weight'].numel()}.")
+                continue
+            pieces = {k: v.split(sizes) for k, v in flat.items()}
+            candidates.append([(g, int(str(ident).split("_")[0]), shape,
+                                {**{k: pieces[k][n].reshape(shape) for k in pieces}, "step": step})
+                               for n, (ident, shape) in enumerate(zip(ids, shapes))])
+        if not candidates:
+            raise CheckpointError(f"{path}: no ZeRO rank's share of group {g}'s plan has the {flat['weight'].numel()} "
+                                  f"elements of its flat tensor.")
+        out.append((g, kind, candidates))
     return out, states.get("grad_scaler")
+
+
+def _finds(model_sd: dict, seg) -> bool:
+    """Whether some tensor of the model file has the segment's shape and master weight."""
+    return any(tuple(t.shape) == seg[2] and torch.equal(seg[3]["weight"].to(t.dtype), t) for t in model_sd.values())
 
 
 def _match(model_sd: dict, segments: list, path: Path, model_path: Path) -> dict[str, dict]:
@@ -160,40 +217,121 @@ def _match(model_sd: dict, segments: list, path: Path, model_path: Path) -> dict
     return out
 
 
-def read_moments(folder, args) -> tuple[dict[str, InternEvoSource], float, dict | None]:
-    """({"exp_avg": source, "exp_avg_sq": source} giving full tensors by our names, AdamW's step, the
-    loss scale state) of an InternEvo folder."""
-    folder = Path(folder)
-    weights = InternEvoSource(folder, args)
-    if weights.isp:
-        raise CheckpointError(f"{folder} is an isp folder: its optimizer state cannot be loaded so far; load "
-                              f"content=('model', 'sampler', 'scheduler') (AdamW's moments restart).")
-    if args.num_experts:
-        raise CheckpointError(f"{folder} is a MoE folder: its optimizer state (expert groups) cannot be loaded "
-                              f"so far; load content=('model', 'sampler', 'scheduler').")
-    files = optimizer_files(folder)
-    moments = {k: {} for k in MOMENTS}
-    steps, scaler = set(), None
+def _mtp_segments(folder: Path, weights: InternEvoSource):
+    """{(tp, wp, pp) of each model file: (its segments, the first optimizer file)}, grad_scaler state, and
+    the experts' {(MoE layer, expert, tp rank): {their key: moments}}."""
+    files, plans = optimizer_files(folder), _plan_files(folder)
+    out, scaler, experts = {}, None, {}
     for (t, w, p), model_path in sorted(weights.files.items()):
         if (t, p) not in files:
             raise CheckpointError(f"{folder / f'optimizer_tp{t}_pp{p}_zo0.pt'} is missing (the folder has "
                                   f"{model_path.name}).")
         segments = []
-        for path in files[(t, p)]:
-            got, grad_scaler = _segments(path)
-            segments += got
+        for z, path in enumerate(files[(t, p)]):
+            plan = next((_load_optim(f) for (t2, _, p2, _), (z2, f) in plans.items() if (t2, p2, z2) == (t, p, z)),
+                        None)
+            groups, grad_scaler = _groups(path, z, plan=plan)
+            segments += [s for _, kind, cands in groups if kind != "moe" for s in cands[0]]
             scaler = scaler if scaler is not None else grad_scaler
-        matched = _match(weights.state_dicts[(t, w, p)], segments, files[(t, p)][0], model_path)
-        unmatched = [k for k in weights.state_dicts[(t, w, p)] if k not in matched and "inv_freq" not in k]
+            for g, kind, cands in groups:
+                if kind == "moe":
+                    _match_experts(weights, t, g, cands, path, experts)
+        out[(t, w, p)] = (segments, files[(t, p)][0])
+    return out, scaler, experts
+
+
+def _match_experts(weights: InternEvoSource, t: int, g: int, candidates: list, path: Path, experts: dict) -> None:
+    """An expert group's share of one file: its ZeRO rank among the expert-data ranks is the candidate
+    whose master weights are all experts of tp rank t (model_moe_layer*_expert*_tp{t}.pt); each segment's
+    moments go to that expert tensor (the replicas over the expert-data ranks give the same ones)."""
+    pool = [(key, name, tensor) for key in sorted(weights.expert_files) if key[2] == t
+            for name, tensor in weights.expert_state_dict(key).items()]
+
+    def find(seg):
+        return next(((key, name) for key, name, tensor in pool if tuple(tensor.shape) == seg[2]
+                     and torch.equal(seg[3]["weight"].to(tensor.dtype), tensor)), None)
+
+    for cand in candidates:
+        found = [find(seg) for seg in cand]
+        if all(found):
+            for (key, name), seg in zip(found, cand):
+                experts.setdefault(key, {})[name] = {k: seg[3][k] for k in (*MOMENTS, "step")}
+            return
+    raise CheckpointError(f"{path}: the master weights of expert group {g} match no experts of the "
+                          f"model_moe_layer*_expert*_tp{t}.pt files: the optimizer and model files are not from "
+                          f"the same step.")
+
+
+def _isp_segments(folder: Path, weights: InternEvoSource):
+    """As _mtp_segments for an isp folder. Rank (t, w, p, d)'s file holds its ZeRO share of the groups over
+    its weight-parallel shard w (the block linears cut over wp, the norms) and its data-parallel share of
+    the embedding and head of sequence rank t ("embed_head"). Each share is taken once (the ranks holding
+    the same one are replicas), the ZeRO rank from the plan file beside it or else from the master
+    weights, which must all be found in a model file of that shard."""
+    files, plans = isp_optimizer_files(folder), _plan_files(folder)
+    by_w: dict[tuple[int, int], dict] = {}  # (wp rank, pp rank) -> {(group, index): segment}
+    by_t: dict[tuple[int, int], dict] = {}  # (tp rank, pp rank) -> the same, of the data groups
+    first: dict[int, Path] = {}
+    scaler = None
+    for (t, w, p, d), path in sorted(files.items()):
+        zero, plan_file = plans.get((t, w, p, d), (None, None))
+        groups, grad_scaler = _groups(path, zero, data_rank=d,
+                                      plan=_load_optim(plan_file) if plan_file is not None else None)
+        scaler = scaler if scaler is not None else grad_scaler
+        first.setdefault(p, path)
+        for g, kind, candidates in groups:
+            data = kind == "data"
+            target = by_t.setdefault((t, p), {}) if data else by_w.setdefault((w, p), {})
+            model = next((sd for (t2, w2, p2), sd in sorted(weights.state_dicts.items())
+                          if p2 == p and (t2 == t if data else w2 == w)), None)
+            if model is None:
+                raise CheckpointError(f"{path} has no model file of its {'tp' if data else 'wp'} rank "
+                                      f"{t if data else w} (pipeline stage {p}) beside it.")
+            chosen = next((c for c in candidates if all(_finds(model, s) for s in c)), None)
+            if chosen is None:
+                raise CheckpointError(f"{path}: the master weights of group {g} match no tensors of the model "
+                                      f"files of {'tp' if data else 'wp'} rank {t if data else w}: the optimizer "
+                                      f"and model files are not from the same step.")
+            for seg in chosen:
+                target.setdefault((seg[0], seg[1]), seg)
+    out = {}
+    for (t, w, p) in sorted(weights.files):
+        segments = list(by_w.get((w, p), {}).values()) + list(by_t.get((t, p), {}).values())
+        out[(t, w, p)] = (segments, first.get(p, folder))
+    return out, scaler, {}
+
+
+def read_moments(folder, args) -> tuple[dict[str, InternEvoSource], float, dict | None]:
+    """({"exp_avg": source, "exp_avg_sq": source} giving full tensors by our names, AdamW's step, the
+    loss scale state) of an InternEvo folder (mtp/msp, with or without MoE experts, or isp)."""
+    folder = Path(folder)
+    weights = InternEvoSource(folder, args)
+    found, scaler, experts = (_isp_segments if weights.isp else _mtp_segments)(folder, weights)
+    moments = {k: {} for k in MOMENTS}
+    steps = set()
+    for key, model_path in sorted(weights.files.items()):
+        segments, path = found[key]
+        sd = weights.state_dicts[key]
+        matched = _match(sd, segments, path, model_path)
+        unmatched = [k for k in sd if k not in matched and "inv_freq" not in k]
         if unmatched:
-            raise CheckpointError(f"{files[(t, p)][0].parent}: no optimizer state for {unmatched[0]!r} of "
-                                  f"{model_path.name} in optimizer_tp{t}_pp{p}_zo*.pt.")
+            pattern = "optimizer_tp*_wp*_pp*_dp*.pt" if weights.isp else f"optimizer_tp{key[0]}_pp{key[2]}_zo*.pt"
+            raise CheckpointError(f"{folder}: no optimizer state for {unmatched[0]!r} of {model_path.name} in "
+                                  f"{pattern}.")
         for k in MOMENTS:
-            moments[k][(t, w, p)] = {key: v[k] for key, v in matched.items()}
+            moments[k][key] = {name: v[k] for name, v in matched.items()}
         steps |= {v["step"] for v in matched.values()}
+    for key, path in sorted(weights.expert_files.items()):
+        missing = [n for n in weights.expert_state_dict(key) if n not in experts.get(key, {})]
+        if missing:
+            raise CheckpointError(f"{folder}: no optimizer state for {missing[0]!r} of {path.name} in any expert "
+                                  f"group of optimizer_tp{key[2]}_pp*_zo*.pt.")
+        steps |= {v["step"] for v in experts[key].values()}
     if len(steps) > 1:
         raise CheckpointError(f"{folder}: the optimizer files hold different AdamW steps {sorted(steps)}.")
-    return {k: weights.over(moments[k]) for k in MOMENTS}, steps.pop() if steps else 0.0, scaler
+    sources = {k: weights.over(moments[k], {key: {n: v[k] for n, v in by_name.items()}
+                                            for key, by_name in experts.items()}) for k in MOMENTS}
+    return sources, steps.pop() if steps else 0.0, scaler
 
 
 @torch.no_grad()

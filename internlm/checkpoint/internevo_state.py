@@ -9,8 +9,9 @@ and checkpoint_manager.py; internlm/core/trainer.py's TrainState):
 - `sampler.pt`: its StaticBatchSampler's state: `epoch`, `num_consumed_samples_in_epoch`, `batch_count`,
   `seed`, and numpy arrays (`rng_state`, `indices`).
 - `schedulder.pt` (sic): the LR scheduler's state (`last_epoch`, `base_lrs`, ...).
-- `optimizer_tp{t}_pp{p}_zo{z}.pt`: HybridZeroOptimizer.state_dict(), read by internevo_optim.py when
-  content has "optimizer" (or is "all"): AdamW's moments and step, and the loss scale.
+- `optimizer_tp{t}_pp{p}_zo{z}.pt` (isp: `optimizer_tp{t}_wp{w}_pp{p}_dp{d}.pt`): HybridZeroOptimizer's
+  state_dict(), read by internevo_optim.py when content has "optimizer" (or is "all"): AdamW's moments
+  and step, and the loss scale.
 
 What carries over: the step (so the LR and beta2 schedules continue where InternEvo's stopped, shaped
 by this config as on our own resume), the consumed tokens, and the data position: the epoch and the

@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 import torch
 
+from internlm.checkpoint.internevo_optim import MOMENTS
 from internlm.checkpoint.layout import CheckpointError
 from tests import launcher
 from tests.helpers import read_metrics, tiny_model_args, write_config
 from tests.unit.test_checkpoint_internevo_folder import write_internevo_folder
 
 
-def _internevo_folder(ours, folder, step: int, tokens: int, rows: int, lr: float):
+def _internevo_folder(ours, folder, step: int, tokens: int, rows: int, lr: float, wp: int = 0, pairs=None):
     from internlm.checkpoint.reader import load_ckpt_into_parts
     from internlm.model.internlm import InternLM
 
     model = InternLM(tiny_model_args())
     load_ckpt_into_parts([model], ours)
-    write_internevo_folder(model, folder, tp=2, pp=1)
+    write_internevo_folder(model, folder, tp=2, pp=1, wp=wp, pairs=pairs)
     # InternEvo's TrainState.state_dict() and StaticBatchSampler.state_dict()
     torch.save({"batch_count": step - 1, "num_consumed_samples_in_epoch": rows, "num_consumed_tokens": tokens,
                 "inf_nan_skip_batches": 0, "step_count": step, "tensorboard_folder": None}, folder / "context.pt")
@@ -89,6 +90,8 @@ def _our_moments(ckpt) -> dict[str, dict[str, torch.Tensor]]:
 
 class ParallelMode(enum.Enum):  # pickled as InternEvo's (its param groups hold it)
     ZERO1 = "zero1"
+    DATA = "data"
+    EXPERT_DATA = "expert_data"
 
 
 THEIR_MODULES = ("internlm.core", "internlm.core.context", "internlm.core.context.process_group_initializer")
@@ -174,6 +177,207 @@ def test_a_run_continues_an_internevo_folder_with_its_optimizer_state(tmp_path, 
         assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
 
 
+def _write_isp_optimizer(ours, folder: Path, monkeypatch):
+    """HybridZeroOptimizer.state_dict() files of `ours` for the isp folder `folder`, as InternEvo's
+    7B_isp_sft.py lays out 8 ranks (sequence parallel 2, weight parallel 4, data parallel 4, zero1 2):
+    rank r is tp (sequence) rank r % 2, wp rank r % 4, dp rank r // 2 and ZeRO rank r // 4 (its weight-data
+    group [w, w + 4]). Every rank writes optimizer_tp{t}_wp{w}_pp0_dp{d}.pt: group 0 "default" (the wp
+    shard's block linears and the norms) ZeRO-sharded over [w, w + 4], group 1 "embed_head" (the
+    embedding and head of sequence rank t) sharded over the 4 data ranks (two of them get nothing),
+    group 2 "fp32" empty. The plan (zero_devide_optim_plan): even ranks hold it in the file and in the
+    gpus-8_wp-*_tp-*_dp-*_pp-0_zo-*.pt file InternEvo writes beside it; ranks 1, 5 and 7 only in that file;
+    rank 3 only in its own file, so its ZeRO rank must be told by its master weights."""
+    from internlm.checkpoint.reader import load_ckpt_into_parts
+    from internlm.model.internlm import InternLM
+
+    moments = _our_moments(ours)
+    (step,) = moments["step"]
+    src = {}
+    for what in ("exp_avg", "exp_avg_sq"):
+        model = InternLM(tiny_model_args())
+        load_ckpt_into_parts([model], ours)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(moments[what][name])
+        src[what] = write_internevo_folder(model, folder.parent / f"isp_{what}", tp=2, pp=1, wp=4)
+    for name in THEIR_MODULES:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
+    top = ("tok_embeddings.weight", "output.weight")
+
+    def deal(w, keys, ranks):  # sorted by size (stable), each to the rank holding the fewest elements
+        numel, ids, per = [0] * ranks, [[] for _ in range(ranks)], [[] for _ in range(ranks)]
+        for i, k in enumerate(sorted(keys, key=lambda k: w[k].numel(), reverse=True)):
+            z = numel.index(min(numel))
+            numel[z] += w[k].numel()
+            ids[z].append("_".join([str(i), *map(str, w[k].shape)]))
+            per[z].append(k)
+        return ids, per
+
+    for r in range(8):
+        t, w_rank, d, z = r % 2, r % 4, r // 2, r // 4
+        name = f"model_tp{t}_wp{w_rank}_pp0.pt"
+        w = torch.load(folder / name, weights_only=True)
+        m = {k: torch.load(src[k] / name, weights_only=True) for k in src}
+        (ids0, per0), (ids1, per1) = deal(w, [k for k in w if k not in top], 2), deal(w, list(top), 4)
+        plan = [ids0, ids1, [[], []]]
+        state, flats, param_groups = {}, {}, []
+        for g, (keys, gname, mode) in enumerate([(per0[z], "default", ParallelMode.ZERO1),
+                                                 (per1[d], "embed_head", ParallelMode.DATA), ([], "fp32", None)]):
+            group = {"params": [g] if keys else [], "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "name": gname,
+                     "weight_decay": 0.01, "optimizer_mode": mode or ParallelMode.ZERO1}
+            param_groups.append(group)
+            if keys:
+                flats[g] = torch.cat([w[k].float().flatten() for k in keys])
+                state[g] = {"step": torch.tensor(step), **{k: torch.cat([m[k][n].flatten() for n in keys])
+                                                            for k in src}}
+        states = {"grad_scaler": {"_scale": torch.tensor(1.0), "_growth_step": 0, "_hysteresis_step": 0},
+                  "base_optim_states": {"state": state, "param_groups": param_groups}, "flat_fp32_weights": flats}
+        if r % 2 == 0:
+            states["zero_devide_optim_plan"] = plan
+        if r != 3:  # rank 3's ZeRO rank is found from its master weights alone
+            torch.save(plan, folder / f"gpus-8_wp-{w_rank}_tp-{t}_dp-{d}_pp-0_zo-{z}.pt")
+        else:
+            states["zero_devide_optim_plan"] = plan
+        torch.save(states, folder / f"optimizer_tp{t}_wp{w_rank}_pp0_dp{d}.pt")
+
+
+def test_a_run_continues_an_internevo_isp_folder_with_its_optimizer_state(tmp_path, monkeypatch):
+    """An isp folder (sequence 2 x weight 4 x data 4, zero1 2: eight optimizer files, three groups, the
+    embedding and head sharded over the data ranks) continues with every step equal to the uninterrupted
+    run's."""
+    cfg = write_config(tmp_path, data=dict(total_steps=6),
+                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
+    ref = launcher.run(1, [], tmp_path / "ref", config=cfg, timeout=180)
+    assert ref.returncode == 0, ref.tail()
+    by_step = {r["step"]: r for r in ref.records}
+    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    evo = _internevo_folder(tmp_path / "ckpt" / "3", tmp_path / "theirs" / "evo", 3, tokens, 3 * 8, 1e-3,
+                            wp=4, pairs=[(w % 2, w) for w in range(4)])
+    _write_isp_optimizer(tmp_path / "ckpt" / "3", evo, monkeypatch)
+
+    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
+    run = launcher.run(1, [f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
+                           f"ckpt.save_ckpt_folder={str(tmp_path / 'ckpt2')!r}"], tmp_path / "cont",
+                       config=cfg, timeout=180)
+    assert run.returncode == 0, run.tail()
+    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
+    records = read_metrics(tmp_path / "cont" / "run") or run.records
+    assert [r["step"] for r in records] == [4, 5, 6]
+    for r in records:
+        same = by_step[r["step"]]
+        assert r["loss"] == pytest.approx(same["loss"], rel=1e-6), r["step"]
+        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
+
+
+# InternLM v1's attention (InternEvo's MoE model): one kv head per head
+MOE = ("model_type='INTERNLM_MoE'", "model.num_experts=4", "loss.moe_loss_coeff=0.1", "model.num_kv_attention_heads=4")
+
+
+def _write_moe_folder(ours, folder: Path, args, monkeypatch) -> Path:
+    """An INTERNLM_MoE folder of `ours` (tp=2: model_tp{t}_pp0.pt and model_moe_layer{L}_expert{E}_tp{t}.pt)
+    with the optimizer files InternEvo writes for tp 2 x dp 4, expert parallel 2 (zero1 over the 4 data
+    ranks): data rank z holds the experts of its expert rank z % 2 (two of the four), ZeRO-sharded over its
+    expert-data group (rank z // 2 of 2) in group 2 "moe_ep_size_2" (moe=True); the dense parameters in
+    group 0, sharded over the 4 data ranks; group 1 "fp32" empty."""
+    from internlm.checkpoint.reader import load_ckpt_into_parts
+    from internlm.model.internlm import InternLM
+
+    def model_of(values=None):
+        model = InternLM(args)
+        load_ckpt_into_parts([model], ours)
+        if values is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(values[name])
+        return model
+
+    write_internevo_folder(model_of(), folder, tp=2, pp=1)
+    moments = _our_moments(ours)
+    (step,) = moments["step"]
+    src = {k: write_internevo_folder(model_of(moments[k]), folder.parent / f"moe_{k}", tp=2, pp=1) for k in MOMENTS}
+    for name in THEIR_MODULES:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
+
+    def deal(tensors: dict, ranks: int):
+        numel, ids, per = [0] * ranks, [[] for _ in range(ranks)], [[] for _ in range(ranks)]
+        for i, k in enumerate(sorted(tensors, key=lambda k: tensors[k].numel(), reverse=True)):
+            z = numel.index(min(numel))
+            numel[z] += tensors[k].numel()
+            ids[z].append("_".join([str(i), *map(str, tensors[k].shape)]))
+            per[z].append(k)
+        return ids, per
+
+    def expert_files(root: Path, t: int, experts) -> dict:  # {(file, key): tensor} of those experts
+        return {(f.name, k): v for f in sorted(root.glob(f"model_moe_layer*_expert*_tp{t}.pt"))
+                if int(f.name.split("_expert")[1].split("_")[0]) in experts
+                for k, v in torch.load(f, weights_only=True).items()}
+
+    for t in range(2):
+        name = f"model_tp{t}_pp0.pt"
+        w = torch.load(folder / name, weights_only=True)
+        m = {k: torch.load(src[k] / name, weights_only=True) for k in src}
+        dense_ids, dense_per = deal(w, 4)
+        for z in range(4):
+            mine = (2 * (z % 2), 2 * (z % 2) + 1)
+            ew = expert_files(folder, t, mine)
+            em = {k: expert_files(src[k], t, mine) for k in src}
+            expert_ids, expert_per = deal(ew, 2)
+            plan = [dense_ids, [[] for _ in range(4)], expert_ids]
+            state, flats, param_groups = {}, {}, []
+            for g, (keys, values, mom, gname) in enumerate([(dense_per[z], w, m, "default"), ([], w, m, "fp32"),
+                                                             (expert_per[z // 2], ew, em, "moe_ep_size_2")]):
+                group = {"params": [g] if keys else [], "lr": 1e-3, "name": gname, "weight_decay": 0.01,
+                         "optimizer_mode": ParallelMode.ZERO1}
+                if gname.startswith("moe"):
+                    group.update(moe=True, optimizer_mode=ParallelMode.EXPERT_DATA)
+                param_groups.append(group)
+                if keys:
+                    flats[g] = torch.cat([values[k].float().flatten() for k in keys])
+                    state[g] = {"step": torch.tensor(step),
+                                **{k: torch.cat([mom[k][n].flatten() for n in keys]) for k in MOMENTS}}
+            torch.save({"grad_scaler": {"_scale": torch.tensor(1.0), "_growth_step": 0, "_hysteresis_step": 0},
+                        "base_optim_states": {"state": state, "param_groups": param_groups},
+                        "flat_fp32_weights": flats, "zero_devide_optim_plan": plan},
+                       folder / f"optimizer_tp{t}_pp0_zo{z}.pt")
+    return folder
+
+
+def test_a_run_continues_an_internevo_moe_folder_with_its_optimizer_state(tmp_path, monkeypatch):
+    """INTERNLM_MoE (tp 2 x dp 4, expert parallel 2, each expert's state ZeRO-sharded over its two
+    expert-data ranks): the experts' AdamW state comes from the expert groups, so every continued step,
+    on one process and on ep=2, equals the uninterrupted run's."""
+    from internlm.builders import model_args
+    from internlm.config.load import load_config
+
+    cfg = write_config(tmp_path, data=dict(total_steps=6),
+                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
+    ref = launcher.run(1, list(MOE), tmp_path / "ref", config=cfg, timeout=180)
+    assert ref.returncode == 0, ref.tail()
+    by_step = {r["step"]: r for r in ref.records}
+    evo = _write_moe_folder(tmp_path / "ckpt" / "3", tmp_path / "theirs" / "evo",
+                            model_args(load_config(cfg, MOE)), monkeypatch)
+    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    torch.save({"batch_count": 2, "num_consumed_samples_in_epoch": 24, "num_consumed_tokens": tokens,
+                "step_count": 3}, evo / "context.pt")
+
+    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
+    for nproc, layout in ((1, ()), (2, ("parallel.expert.size=2", "data.micro_num=2"))):
+        run = launcher.run(nproc, [*MOE, f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
+                                   f"ckpt.save_ckpt_folder={str(tmp_path / f'ckpt{nproc}')!r}", *layout],
+                           tmp_path / f"cont{nproc}", config=cfg, timeout=180)
+        assert run.returncode == 0, run.tail()
+        assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
+        records = read_metrics(tmp_path / f"cont{nproc}" / "run") or run.records
+        assert [r["step"] for r in records] == [4, 5, 6]
+        for r in records:
+            same = by_step[r["step"]]
+            assert r["loss"] == pytest.approx(same["loss"], rel=1e-5), (nproc, r["step"])
+            assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-4), (nproc, r["step"])
+            assert r["moe_load"] == same["moe_load"], (nproc, r["step"])
+
+
 def test_internevo_optimizer_errors_name_the_file(tmp_path, monkeypatch):
     from internlm.checkpoint import internevo_optim
     from internlm.model.internlm import InternLM
@@ -204,6 +408,22 @@ def test_internevo_optimizer_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"optimizer_tp0_pp0_zo0\.pt: parameter \d+ of group 0 .* matches no "
                                               r"tensor of model_tp0_pp0\.pt"):
         internevo_optim.read_moments(evo, args)
+    # isp: its files are optimizer_tp{t}_wp{w}_pp{p}_dp{d}.pt
+    isp = write_internevo_folder(model, tmp_path / "isp", tp=2, pp=1, wp=2)
+    with pytest.raises(CheckpointError, match=r"isp.* holds no optimizer_tp\{t\}_wp\{w\}_pp\{p\}_dp\{d\}\.pt file"):
+        internevo_optim.read_moments(isp, args)
+    # MoE: optimizer files without an expert group leave the experts without state
+    from tests.unit.test_checkpoint_internevo_folder import random_model
+
+    moe = random_model(0, model_type="INTERNLM_MoE", num_kv_attention_heads=4, qkv_bias=True, o_bias=True,
+                       num_experts=4)
+    folder = write_internevo_folder(moe, tmp_path / "moe_src", tp=2, pp=1)
+    _write_plain_optimizer(folder, tmp_path / "moe_optim", monkeypatch)
+    for f in (tmp_path / "moe_optim").iterdir():
+        f.replace(folder / f.name)
+    with pytest.raises(CheckpointError, match=r"no optimizer state for '.*wrapped_experts\.0\.w\d\.weight' of "
+                                              r"model_moe_layer0_expert0_tp0\.pt in any expert group"):
+        internevo_optim.read_moments(folder, moe.args)
 
 
 def _write_plain_optimizer(evo: Path, out: Path, monkeypatch):
