@@ -16,7 +16,7 @@ from internlm.config import torch_dtype
 from internlm.metrics import active_ffn_width, step_throughput
 from internlm.parallel_dims import ParallelDims
 from internlm.plan.hardware import Hardware
-from internlm.plan.schedule import schedule_bubble, schedule_in_flight
+from internlm.plan.schedule import schedule_bubble, schedule_memory_states
 from internlm.plan.shapes import StageShapes, stage_shapes
 
 GiB = 2**30
@@ -93,12 +93,13 @@ def activation_bytes_per_token_layer(args, dims: ParallelDims, policy: str, resi
     return norms + inner + moe
 
 
-def in_flight(dims: ParallelDims, pp_rank: int, micro_num: int) -> float:
-    """Micro-batches whose activations a pipeline rank holds at its peak, in units of the rank's layers,
-    from the trainer's schedule object (schedule.schedule_in_flight). For 1F1B that is min(m, pp - rank),
-    for GPipe m, for interleaved 1F1B (v chunks) ((pp - rank - 1) * 2 + (v - 1) * pp + 1) / v; ZB-H1 and
-    ZBV hold pp on every rank (their papers' 1F1B-sized peak)."""
-    return schedule_in_flight(dims.pp, dims.num_chunks, dims.pp_mode, pp_rank, micro_num)
+def memory_states(dims: ParallelDims, pp_rank: int, micro_num: int) -> tuple[tuple[float, float, bool], ...]:
+    """(micro-batches of activations in units of the rank's layers, fraction of its weight gradients that
+    exist, start) as each backward of the rank starts and ends, read from the trainer's schedule object
+    (schedule.schedule_memory_states). The most activations in flight: for 1F1B min(m, pp - rank), for
+    GPipe m, for interleaved 1F1B (v chunks) ((pp - rank - 1) * 2 + (v - 1) * pp + 1) / v; ZB-H1 and ZBV
+    hold pp on every rank (their papers' 1F1B-sized peak). Without pipelining: F0 B0 F1 B1 ..."""
+    return schedule_memory_states(dims.pp, dims.num_chunks, dims.pp_mode, pp_rank, micro_num)
 
 
 def bubble_fraction(dims: ParallelDims, micro_num: int) -> float:
@@ -258,14 +259,22 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
         a_plain = activation_bytes_per_token_layer(args, dims, "none", residual, act_bytes)
         a_ck = activation_bytes_per_token_layer(args, dims, policy, residual, act_bytes) if n_ck else 0.0
         per_mb = tokens * ((n_layers - n_ck) * a_plain + n_ck * a_ck)
-        acts = per_mb * in_flight(dims, s.pp_rank, micro_num)
-        if n_ck and policy == "full":
-            acts += tokens * a_plain  # one block recomputed in backward
-        if s.last:  # logits (kept for the loss backward) and their gradient, sharded over tp
-            acts += 2 * tokens * V * act_bytes / dims.tp
+        recompute = tokens * a_plain if n_ck and policy == "full" else 0.0  # one block, throughout backward
+        # logits (kept for the loss backward) and their gradient, sharded over tp, as a backward starts
+        logits = 2 * tokens * V * act_bytes / dims.tp if s.last else 0.0
+        grads = 4 * s.stored_numel  # fp32, reduced (and sharded) by FSDP
+        # Activations and gradients do not peak together: a step starts without gradients (the optimizer
+        # set them to None), a stage's appear during its first backward, and that backward frees the
+        # activations. So the peak is the largest of the states as each backward starts (activations of
+        # the micro-batches in flight, gradients of the backwards done) and as it ends (the backward's
+        # last layer: its gradients, less one layer's, and the recomputed block under full checkpointing).
+        # micro_num=1 without pipelining: max(activations, gradients + recompute), not their sum; with
+        # more micro-batches a later one's forward and backward run over the earlier ones' gradients.
+        acts, grads_held = max(((per_mb * a + recompute + (logits if start else 0.0), grads * g)
+                                for a, g, start in memory_states(dims, s.pp_rank, micro_num)), key=sum)
         mem = {
             "parameters": 4 * s.stored_numel,  # fp32 master weights
-            "gradients": 4 * s.stored_numel,  # fp32, reduced (and sharded) by FSDP
+            "gradients": grads_held,
             "optimizer_states": 8 * s.stored_numel,  # AdamW exp_avg and exp_avg_sq
             "compute_weights": 0.0, "gradient_buffers": 0.0,
             "activations": acts,

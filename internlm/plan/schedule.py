@@ -8,6 +8,11 @@ From that list:
 - `schedule_in_flight`: the micro-batches whose activations a rank holds at its peak: a forward adds
   one to its stage, the backward that ends it (W under zero-bubble, which keeps the matmul inputs until
   then) removes it; a stage holds 1/num_chunks of the rank's layers.
+- `schedule_memory_states`: what the rank holds as each of its backwards starts and as it ends:
+  activations (as above) and the share of its weight gradients that exist, none at the start of a step
+  (the optimizer set them to None), a stage's from its first backward (W under zero-bubble) on. Without
+  pipelining the list is F0 B0 F1 B1 ...: with micro_num=1 the activations are gone (all but the last
+  layer's) by the time the gradients are there (all but the last layer's).
 - `schedule_bubble`: the idle time of the slowest rank over its busy time, from replaying every rank's
   list with the dependencies between stages (a stage's forward after the previous stage's, its
   backward after the next stage's; the last stage's after its own forward) and the costs F = 1,
@@ -64,19 +69,32 @@ def _single_stage_order(rank: int, pp: int, m: int, gpipe: bool) -> list[tuple[s
     return out
 
 
-def schedule_in_flight(pp: int, num_chunks: int, mode: str, pp_rank: int, micro_num: int) -> float:
-    """Peak micro-batches of activations on `pp_rank`, in units of the rank's layers (see above)."""
-    if pp == 1:
-        return 1.0
+@functools.lru_cache(maxsize=256)
+def schedule_memory_states(pp: int, num_chunks: int, mode: str, pp_rank: int,
+                           micro_num: int) -> tuple[tuple[float, float, bool], ...]:
+    """(activations, gradients, start) on `pp_rank` as each of its backwards (B, or W under zero-bubble)
+    starts (start=True) and as it ends: micro-batches of activations in units of the rank's layers and
+    the fraction of the rank's weight gradients materialised (see above). A forward only adds
+    activations, so the largest holdings are among these states."""
+    order = (_single_stage_order(0, 1, micro_num, gpipe=False) if pp == 1
+             else _orders(pp, num_chunks, mode, micro_num)[pp_rank])
     held: dict[int, int] = {}
-    peak = 0
-    for kind, stage, _ in _orders(pp, num_chunks, mode, micro_num)[pp_rank]:
+    graded: set[int] = set()
+    states = []
+    for kind, stage, _ in order:
         if kind == "F":
             held[stage] = held.get(stage, 0) + 1
         elif kind in ("B", "W"):
+            states.append((sum(held.values()) / num_chunks, len(graded) / num_chunks, True))
             held[stage] -= 1
-        peak = max(peak, sum(held.values()))
-    return peak / num_chunks
+            graded.add(stage)
+            states.append((sum(held.values()) / num_chunks, len(graded) / num_chunks, False))
+    return tuple(states)
+
+
+def schedule_in_flight(pp: int, num_chunks: int, mode: str, pp_rank: int, micro_num: int) -> float:
+    """Peak micro-batches of activations on `pp_rank`, in units of the rank's layers (see above)."""
+    return max(a for a, _, _ in schedule_memory_states(pp, num_chunks, mode, pp_rank, micro_num))
 
 
 @functools.lru_cache(maxsize=256)

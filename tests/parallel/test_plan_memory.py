@@ -17,6 +17,7 @@ from tests import launcher
 TOL = 0.15
 MOE = ("model_type='INTERNLM_MoE'", "model.num_experts=4")
 ISP = ("parallel.tensor.size=2", "parallel.tensor.mode='isp'")
+ONE_MICRO = "data.micro_num=1"  # no gradients during the forward: the peak holds activations or gradients
 
 
 def mem_layout(name: str, nproc: int, overrides: tuple[str, ...]):
@@ -41,6 +42,11 @@ LAYOUTS = [
     mem_layout("moe_dp2", 2, (*MOE, "parallel.zero1.size=2")),
     mem_layout("moe_ep2", 2, (*MOE, "parallel.expert.size=2")),
     mem_layout("moe_ep2_edp2", 4, (*MOE, "parallel.expert.size=2")),  # experts sharded
+    mem_layout("one_process_micro1", 1, (ONE_MICRO,)),
+    mem_layout("full_checkpoint_micro1", 1, (ONE_MICRO, "model.checkpoint=True")),  # gradients + recompute
+    mem_layout("dp2_fsdp_micro1", 2, (ONE_MICRO, "parallel.zero1.fsdp=True")),
+    mem_layout("dp2_zero1-2_micro1", 2, (ONE_MICRO, "parallel.zero1.size=2")),
+    mem_layout("pp2_1f1b_micro2", 2, ("parallel.pipeline.size=2", "data.micro_num=2")),  # F F B B on rank 0
 ]
 
 

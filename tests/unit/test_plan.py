@@ -81,6 +81,25 @@ def test_pipeline_activations_follow_the_schedule_object(pp):
         assert schedule_in_flight(pp, 2, "zbv", rank, m) == pp
 
 
+def test_gradients_and_activations_peak_apart_with_one_micro_batch(tmp_path):
+    """A step starts without gradients and a backward frees activations as it makes gradients: with one
+    micro-batch the peak holds the larger of the two, with more a later micro-batch runs over the earlier
+    ones' gradients (and so does rank 0 of a 1F1B pipeline only once it has more micro-batches than stages)."""
+    from internlm.plan.schedule import schedule_memory_states
+
+    assert schedule_memory_states(1, 1, "1f1b", 0, 1) == ((1.0, 0.0, True), (0.0, 1.0, False))
+    assert (1.0, 1.0, True) in schedule_memory_states(1, 1, "1f1b", 0, 2)
+    assert max(a + g for a, g, _ in schedule_memory_states(2, 1, "1f1b", 0, 2)) == 2
+    assert max(a + g for a, g, _ in schedule_memory_states(2, 1, "1f1b", 0, 3)) == 3
+    one, two = (plan(_tiny(tmp_path, f"data.micro_num={m}"), 1, GPUS["H100-80GB"]).memory_gib for m in (1, 2))
+    assert one["gradients"] == 0 and one["activations"] == two["activations"] > two["gradients"] > 0
+    assert one["total"] == pytest.approx(two["total"] - two["gradients"])
+    # full checkpointing: the activations are small, the peak is the last layer's backward, when the
+    # gradients are there and the recomputed block is live
+    ck = plan(_tiny(tmp_path, "data.micro_num=1", "model.checkpoint=True"), 1, GPUS["H100-80GB"]).memory_gib
+    assert ck["gradients"] == two["gradients"] and 0 < ck["activations"] < one["activations"]
+
+
 @pytest.mark.parametrize("pp", [2, 4, 8])
 def test_pipeline_bubble_replays_the_schedule(pp):
     """Replaying every rank's actions with the stage dependencies gives the textbook bubbles: (pp-1)/m for
