@@ -35,10 +35,12 @@ Interleaved pipelines (num_chunks > 1): each stage's file holds a ModuleList of 
 "1.blocks..."); chunk c of pipeline rank p is virtual stage c * pp + p (partition_uniform), so the layers
 are put end to end in that order.
 
-Not read (one-line errors): fsdp folders (`..._dp{d}.pt`: FSDP v1's SHARDED_STATE_DICT, ShardedTensors
-that unpickle only with arbitrary classes and their process group, not under weights_only) and InternLM2
-checkpoints trained with adapt_hf=False when the folder's model_config.pt says so. Every file is read with
-torch.load(weights_only=True).
+fsdp folders (parallel.zero1.fsdp=True, `model_tp{t}_pp{p}_dp{d}.pt`): each data-parallel rank's FSDP
+SHARDED_STATE_DICT, whose ShardedTensors are read by stand-ins (internevo_fsdp.py) and put together into
+the tp rank's state dict; from there as an mtp folder.
+
+Not read (one-line error): InternLM2 checkpoints trained with adapt_hf=False when the folder's
+model_config.pt says so. Every file is read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internlm.checkpoint.internevo_fsdp import merge_fsdp_files
 from internlm.checkpoint.layout import DCP_METADATA, MARKER, META, CheckpointError
 from internlm.log import logger
 
@@ -112,32 +115,39 @@ def _load(path: Path, what: str = "a dict of tensors"):
     return obj
 
 
-def model_files(folder: Path) -> tuple[dict[tuple[int, int, int], Path], bool]:
-    """((tp rank, wp rank, pp rank) -> model file, whether the folder is isp's): mtp folders checked to be
-    a full tp x pp grid, isp ones to cover every tp and every wp rank of each stage."""
+def model_files(folder: Path) -> tuple[dict[tuple[int, int, int], Path], bool, dict]:
+    """((tp rank, wp rank, pp rank) -> model file, whether the folder is isp's, and for an fsdp folder
+    (tp rank, 0, pp rank) -> its data-parallel ranks' files): mtp folders checked to be a full tp x pp
+    grid, isp ones to cover every tp and every wp rank of each stage, fsdp ones every dp rank."""
     if not folder.is_dir():
         raise CheckpointError(f"InternEvo checkpoint folder {folder} does not exist.")
-    found, kinds = {}, set()
+    found, kinds, fsdp = {}, set(), {}
     for f in sorted(folder.iterdir()):
         m = MODEL_FILE_RE.match(f.name)
         if not m:
             continue
-        if m.group(4):
-            raise CheckpointError(f"{f} is an InternEvo fsdp (model_tp*_pp*_dp*.pt) model file: FSDP's sharded "
-                                  f"state dict, whose ShardedTensors unpickle only with arbitrary classes and their "
-                                  f"process group, so it cannot be read safely (weights_only). Load it in InternEvo "
-                                  f"with parallel.zero1.fsdp=False and save it again (model_tp{{t}}_pp{{p}}.pt "
-                                  f"files), or export it to Hugging Face there and use ckpt_type='hf'.")
-        kinds.add(bool(m.group(2)))
+        kinds.add("isp" if m.group(2) else "fsdp" if m.group(4) else "mtp")
         w = int(m.group(2)[3:]) if m.group(2) else 0
-        found[(int(m.group(1)), w, int(m.group(3)))] = f
+        key = (int(m.group(1)), w, int(m.group(3)))
+        if m.group(4):
+            fsdp.setdefault(key, {})[int(m.group(4)[3:])] = f
+            found.setdefault(key, f)
+        else:
+            found[key] = f
+    if len(kinds) > 1:
+        raise CheckpointError(f"{folder} mixes {' and '.join(sorted(kinds))} model files (model_tp*_pp*.pt, isp's "
+                              f"model_tp*_wp*_pp*.pt, fsdp's model_tp*_pp*_dp*.pt): two checkpoints in one folder.")
+    top = max((max(by_dp) for by_dp in fsdp.values()), default=0)
+    for (t, _, p), by_dp in sorted(fsdp.items()):
+        missing = [d for d in range(top + 1) if d not in by_dp]
+        if missing:
+            raise CheckpointError(f"{folder / f'model_tp{t}_pp{p}_dp{missing[0]}.pt'} is missing (the folder has fsdp "
+                                  f"files up to dp rank {top}).")
+    fsdp = {key: [by_dp[d] for d in sorted(by_dp)] for key, by_dp in fsdp.items()}
     if not found:
         raise CheckpointError(f"{folder} holds no model_tp{{t}}_pp{{p}}.pt file: it is neither one of our "
                               f"checkpoints ({MARKER}, {META}, {DCP_METADATA}) nor an InternEvo checkpoint folder.")
-    if len(kinds) > 1:
-        raise CheckpointError(f"{folder} mixes model_tp*_pp*.pt and isp model_tp*_wp*_pp*.pt files: two "
-                              f"checkpoints in one folder.")
-    isp = kinds.pop()
+    isp = kinds.pop() == "isp"
     tp = max(t for t, _, _ in found) + 1
     wp = max(w for _, w, _ in found) + 1
     pp = max(p for _, _, p in found) + 1
@@ -156,7 +166,7 @@ def model_files(folder: Path) -> tuple[dict[tuple[int, int, int], Path], bool]:
                     raise CheckpointError(f"{folder / name} is missing: no file of pipeline stage {p} holds {what} "
                                           f"rank {r} (the folder has files up to tp rank {tp - 1}, wp rank "
                                           f"{wp - 1} and pp rank {pp - 1}).")
-    return found, isp
+    return found, isp, fsdp
 
 
 class InternEvoSource:
@@ -169,7 +179,7 @@ class InternEvoSource:
         if args.model_type not in ("INTERNLM", "INTERNLM2_PUBLIC", "INTERNLM_MoE"):
             raise CheckpointError(f"ckpt_type='internevo' reads InternEvo folders of model_type INTERNLM2_PUBLIC, "
                                   f"INTERNLM or INTERNLM_MoE; this run's model_type is {args.model_type}.")
-        files, self.isp = model_files(self.folder)
+        files, self.isp, self.fsdp = model_files(self.folder)
         self.expert_files = {tuple(int(g) for g in m.groups()): f for f in sorted(self.folder.iterdir())
                              if (m := EXPERT_FILE_RE.match(f.name))}
         if args.num_experts and self.isp:
@@ -180,7 +190,9 @@ class InternEvoSource:
         self.pp = max(p for _, _, p in files) + 1
         self._check_model_config()
         self.files = files
-        self.state_dicts = {key: _load(path) for key, path in files.items()}  # (t, w, p) -> that file's tensors
+        # (t, w, p) -> that file's tensors (an fsdp folder: its dp ranks' shards put together)
+        self.state_dicts = {key: merge_fsdp_files(self.fsdp[key]) if key in self.fsdp else _load(path)
+                            for key, path in files.items()}
         self._index({key: (path, self.state_dicts[key]) for key, path in files.items()})
 
     def over(self, tensors: dict, experts: dict | None = None) -> "InternEvoSource":

@@ -39,7 +39,7 @@ Read with torch.load(weights_only=True); the one class InternEvo's param groups 
 enum, is read as its value by a stand-in (no InternEvo code is needed or run).
 
 Not read (one-line errors): files with neither the plan nor its plan file (older InternEvo releases),
-HybridZeroOptimizer_v2's format and fsdp folders.
+HybridZeroOptimizer_v2's format and fsdp folders' FSDPadaptOptimizer files.
 """
 from __future__ import annotations
 
@@ -306,6 +306,11 @@ def read_moments(folder, args) -> tuple[dict[str, InternEvoSource], float, dict 
     loss scale state) of an InternEvo folder (mtp/msp, with or without MoE experts, or isp)."""
     folder = Path(folder)
     weights = InternEvoSource(folder, args)
+    if weights.fsdp:
+        raise CheckpointError(f"{folder} is an fsdp folder (model_tp*_pp*_dp*.pt): its FSDPadaptOptimizer state "
+                              f"(per-parameter pieces of FSDP's flat shards, with no record of where each piece "
+                              f"lies) cannot be loaded; load content=('model', 'sampler', 'scheduler') (AdamW's "
+                              f"moments restart).")
     found, scaler, experts = (_isp_segments if weights.isp else _mtp_segments)(folder, weights)
     moments = {k: {} for k in MOMENTS}
     steps = set()

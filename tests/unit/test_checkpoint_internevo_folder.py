@@ -266,7 +266,7 @@ def test_isp_folder_errors_name_the_rank(tmp_path):
         load_internevo_into_parts(fresh, folder)
     folder = write_internevo_folder(ref, tmp_path / "b", 2, 1, wp=2)
     torch.save({}, folder / "model_tp0_pp0.pt")
-    with pytest.raises(CheckpointError, match=r"mixes model_tp\*_pp\*\.pt and isp"):
+    with pytest.raises(CheckpointError, match=r"mixes isp and mtp model files"):
         load_internevo_into_parts(fresh, folder)
     folder = write_internevo_folder(ref, tmp_path / "c", 1, 1, wp=2)
     sd = torch.load(folder / "model_tp0_wp1_pp0.pt", weights_only=True)
@@ -316,18 +316,61 @@ def test_errors_name_the_file_or_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read .*model_tp0_pp0\.pt \(read with torch\.load\(weights_only"):
         load_internevo_into_parts(fresh, folder)
 
-    # fsdp files and a folder that is neither format
-    fsdp = tmp_path / "fsdp"
-    fsdp.mkdir()
-    torch.save({}, fsdp / "model_tp0_pp0_dp0.pt")
-    with pytest.raises(CheckpointError, match=r"model_tp0_pp0_dp0\.pt is an InternEvo fsdp .* cannot be read safely .*"
-                                              r"zero1\.fsdp=False"):
-        load_internevo_into_parts(fresh, fsdp)
+    # a folder that is neither format
     empty = tmp_path / "empty"
     empty.mkdir()
     assert not is_internevo_dir(empty)
     with pytest.raises(CheckpointError, match=r"neither one of our checkpoints .* nor an InternEvo checkpoint"):
         load_internevo_into_parts(fresh, empty)
+
+
+def test_fsdp_folder_of_sharded_tensors_merges_dp_tp_and_pp(tmp_path):
+    """parallel.zero1.fsdp=True folders: model_tp{t}_pp{p}_dp{d}.pt written by FSDP v1 itself (2 ranks,
+    SHARDED_STATE_DICT, one unit per block) from a tp2 x pp2 folder; the ShardedTensors are read under
+    weights_only by stand-ins and merged over dp, then over tp and pp."""
+    from internlm.checkpoint.internevo_fsdp import merge_fsdp_files
+    from tests import launcher
+
+    ref = random_model(0)
+    src = write_internevo_folder(ref, tmp_path / "mtp", 2, 2)
+    fsdp = tmp_path / "fsdp"
+    done = launcher.start_script(2, Path(__file__).parents[1] / "fsdp_v1_writer.py", [str(src), str(fsdp)],
+                                 tmp_path / "work").wait(120)
+    assert done.returncode == 0, done.tail()
+    assert sorted(f.name for f in fsdp.glob("model_tp*")) == [f"model_tp{t}_pp{p}_dp{d}.pt" for t in range(2)
+                                                              for p in range(2) for d in range(2)]
+    with pytest.raises(Exception, match="ShardedTensor"):  # the real format: plain weights_only refuses it
+        torch.load(fsdp / "model_tp0_pp0_dp0.pt", weights_only=True)
+    assert is_internevo_dir(fsdp)
+    fresh = random_model(1)
+    filled = load_internevo_into_parts(fresh, fsdp)
+    assert len(filled) == len(list(fresh.parameters()))
+    assert_same(ref, fresh)
+
+    from internlm.checkpoint.internevo_optim import read_moments
+
+    with pytest.raises(CheckpointError, match=r"is an fsdp folder .* FSDPadaptOptimizer state .* cannot be loaded"):
+        read_moments(fsdp, fresh.args)
+    # each dp file holds half of a tensor: one alone is named as incomplete
+    with pytest.raises(CheckpointError, match=r"cover \d+ of its \d+ elements: a data-parallel rank's file"):
+        merge_fsdp_files([fsdp / "model_tp0_pp0_dp0.pt"])
+    (fsdp / "model_tp1_pp1_dp1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"model_tp1_pp1_dp1\.pt is missing \(the folder has fsdp files up to"):
+        load_internevo_into_parts(fresh, fsdp)
+    # the stand-ins admit nothing else: a planted pickle in an fsdp file is refused, naming the file
+    torch.save({"x": _Evil()}, fsdp / "model_tp1_pp1_dp1.pt")
+    with pytest.raises(CheckpointError, match=r"cannot read .*model_tp1_pp1_dp1\.pt .*GLOBAL posix\.system"):
+        load_internevo_into_parts(fresh, fsdp)
+    torch.save({}, fsdp / "model_tp0_pp0.pt")
+    with pytest.raises(CheckpointError, match=r"mixes fsdp and mtp model files"):
+        load_internevo_into_parts(fresh, fsdp)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo unpickled",))
 
 
 def test_manager_dispatches_internevo_folders(monkeypatch, tmp_path):
