@@ -35,11 +35,15 @@ MoE folders (INTERNLM_MoE): an expert group (`moe=True`, e.g. "moe_ep_size_2") h
 (those of its expert-parallel rank), ZeRO-sharded over the expert-data ranks; which experts and which
 rank are told by the master weights, which equal the tensors of model_moe_layer{L}_expert{E}_tp{t}.pt.
 
+fsdp folders (parallel.zero1.fsdp=True): FSDPadaptOptimizer's `optimizer_tp{t}_pp{p}_zo{z}.pt` hold, per
+group, one 1-D fp32 piece per parameter (the rank's part of FSDP's flat shard, often empty) and AdamW's
+state of it; a parameter's pieces in rank order are the whole parameter (_fsdp_moments).
+
 Read with torch.load(weights_only=True); the one class InternEvo's param groups pickle, its ParallelMode
 enum, is read as its value by a stand-in (no InternEvo code is needed or run).
 
 Not read (one-line errors): files with neither the plan nor its plan file (older InternEvo releases),
-HybridZeroOptimizer_v2's format and fsdp folders' FSDPadaptOptimizer files.
+HybridZeroOptimizer_v2's format, and MoE expert groups in fsdp folders.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from internlm.checkpoint.internevo_format import InternEvoSource, load_error
+from internlm.checkpoint.internevo_format import _IGNORED, InternEvoSource, load_error
 from internlm.checkpoint.layout import CheckpointError
 
 OPTIM_FILE_RE = re.compile(r"^optimizer_tp(\d+)_pp(\d+)_zo(\d+)\.pt$")
@@ -301,16 +305,80 @@ def _isp_segments(folder: Path, weights: InternEvoSource):
     return out, scaler, {}
 
 
+def _fsdp_moments(folder: Path, weights: InternEvoSource):
+    """read_moments of an fsdp folder. FSDPadaptOptimizer's files (`optimizer_tp{t}_pp{p}_zo{z}.pt`, z the
+    rank in FSDP's sharding group) hold, per parameter group, a list with one fp32 tensor per parameter of
+    the group: the rank's piece of that parameter's share of FSDP's flat parameter, 1-D and possibly
+    empty (use_orig_params), with AdamW's state of the same shape. A parameter's pieces put end to end in
+    rank order are the whole parameter, flattened; which parameter is told by those master weights, equal
+    to a tensor of the merged model file (the first not yet matched of that size, in the file's order)."""
+    files = optimizer_files(folder)
+    moments = {k: {} for k in MOMENTS}
+    steps, scaler = set(), None
+    for key, model_path in sorted(weights.files.items()):
+        t, _, p = key
+        if (t, p) not in files:
+            raise CheckpointError(f"{folder / f'optimizer_tp{t}_pp{p}_zo0.pt'} is missing (the folder has "
+                                  f"{model_path.name}).")
+        per_rank = []  # per ZeRO rank: {group: [(weight piece, state)]}
+        for path in files[(t, p)]:
+            states = _load_optim(path)
+            base, flats = states.get("base_optim_states"), states.get("flat_fp32_weights")
+            if not isinstance(base, dict) or not isinstance(flats, dict):
+                raise CheckpointError(f"{path} is not an FSDPadaptOptimizer state (no 'base_optim_states' and "
+                                      f"'flat_fp32_weights').")
+            scaler = scaler if scaler is not None else states.get("grad_scaler")
+            groups = {}
+            for g, group in enumerate(base["param_groups"]):
+                pieces = flats.get(g, [])
+                if group.get("moe") and len(pieces):
+                    raise CheckpointError(f"{path}: group {g} holds MoE experts, whose FSDP optimizer state cannot "
+                                          f"be loaded so far; load content=('model', 'sampler', 'scheduler').")
+                if len(pieces) != len(group["params"]):
+                    raise CheckpointError(f"{path}: group {g} has {len(group['params'])} parameters and "
+                                          f"{len(pieces)} master weights.")
+                groups[g] = [(w.reshape(-1), base["state"].get(i, {})) for w, i in zip(pieces, group["params"])]
+            per_rank.append(groups)
+        sd, taken = weights.state_dicts[key], set()
+        for g in sorted(per_rank[0]):
+            for j in range(len(per_rank[0][g])):
+                parts = [rank[g][j] for rank in per_rank if g in rank and j < len(rank[g])]
+                if len(parts) != len(per_rank):
+                    raise CheckpointError(f"{files[(t, p)][0].parent}: parameter {j} of group {g} is not in every "
+                                          f"optimizer_tp{t}_pp{p}_zo*.pt.")
+                whole = torch.cat([w for w, _ in parts])
+                name = next((n for n, v in sd.items() if n not in taken and v.numel() == whole.numel()
+                             and torch.equal(whole.to(v.dtype), v.reshape(-1))), None)
+                if name is None:
+                    raise CheckpointError(f"{files[(t, p)][0].parent}: parameter {j} of group {g} ({whole.numel()} "
+                                          f"elements over optimizer_tp{t}_pp{p}_zo*.pt) matches no tensor of "
+                                          f"{model_path.name} and its dp files: the optimizer and model files are "
+                                          f"not from the same step.")
+                taken.add(name)
+                live = [st for w, st in parts if w.numel()]
+                if any(k not in st for st in live for k in MOMENTS):
+                    raise CheckpointError(f"{files[(t, p)][0].parent}: parameter {j} of group {g} ({name}) has no "
+                                          f"AdamW state (exp_avg, exp_avg_sq).")
+                for k in MOMENTS:
+                    moments[k].setdefault(key, {})[name] = torch.cat(
+                        [st[k].reshape(-1) for w, st in parts if w.numel()]).reshape(sd[name].shape)
+                steps |= {float(st["step"]) for st in live if "step" in st}
+        unmatched = [n for n in sd if n not in taken and not n.endswith(_IGNORED)]
+        if unmatched:
+            raise CheckpointError(f"{folder}: no optimizer state for {unmatched[0]!r} of {model_path.name} in "
+                                  f"optimizer_tp{t}_pp{p}_zo*.pt.")
+    if len(steps) > 1:
+        raise CheckpointError(f"{folder}: the optimizer files hold different AdamW steps {sorted(steps)}.")
+    return {k: weights.over(moments[k]) for k in MOMENTS}, steps.pop() if steps else 0.0, scaler
+
+
 def read_moments(folder, args) -> tuple[dict[str, InternEvoSource], float, dict | None]:
     """({"exp_avg": source, "exp_avg_sq": source} giving full tensors by our names, AdamW's step, the
     loss scale state) of an InternEvo folder (mtp/msp, with or without MoE experts, or isp)."""
     folder = Path(folder)
     weights = InternEvoSource(folder, args)
     if weights.fsdp:
-        raise CheckpointError(f"{folder} is an fsdp folder (model_tp*_pp*_dp*.pt): its FSDPadaptOptimizer state "
-                              f"(per-parameter pieces of FSDP's flat shards, with no record of where each piece "
-                              f"lies) cannot be loaded; load content=('model', 'sampler', 'scheduler') (AdamW's "
-                              f"moments restart).")
+        return _fsdp_moments(folder, weights)
     found, scaler, experts = (_isp_segments if weights.isp else _mtp_segments)(folder, weights)
     moments = {k: {} for k in MOMENTS}
     steps = set()

@@ -378,6 +378,52 @@ def test_a_run_continues_an_internevo_moe_folder_with_its_optimizer_state(tmp_pa
             assert r["moe_load"] == same["moe_load"], (nproc, r["step"])
 
 
+def test_a_run_continues_an_internevo_fsdp_folder_with_its_optimizer_state(tmp_path):
+    """parallel.zero1.fsdp=True: model_tp{t}_pp{p}_dp{d}.pt and FSDPadaptOptimizer files written by FSDP v1
+    itself on two gloo ranks (tests/fsdp_v1_writer.py; tp=2) from our run at step 3; the continued run's
+    every step equals the uninterrupted run's."""
+    from internlm.checkpoint.reader import load_ckpt_into_parts
+    from internlm.model.internlm import InternLM
+
+    cfg = write_config(tmp_path, data=dict(total_steps=6),
+                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
+    ref = launcher.run(1, [], tmp_path / "ref", config=cfg, timeout=180)
+    assert ref.returncode == 0, ref.tail()
+    by_step = {r["step"]: r for r in ref.records}
+    ours = tmp_path / "ckpt" / "3"
+    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    mtp = _internevo_folder(ours, tmp_path / "theirs" / "mtp", 3, tokens, 3 * 8, 1e-3)
+    moments = _our_moments(ours)
+    (step,) = moments["step"]
+    folders = []
+    for what in MOMENTS:
+        model = InternLM(tiny_model_args())
+        load_ckpt_into_parts([model], ours)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(moments[what][name])
+        folders.append(str(write_internevo_folder(model, tmp_path / "theirs" / what, tp=2, pp=1)))
+    evo = tmp_path / "theirs" / "fsdp"
+    writer = Path(__file__).parents[1] / "fsdp_v1_writer.py"
+    done = launcher.start_script(2, writer, [str(mtp), str(evo), *folders, str(step)], tmp_path / "w").wait(120)
+    assert done.returncode == 0, done.tail()
+    assert (evo / "model_tp1_pp0_dp1.pt").is_file() and (evo / "optimizer_tp1_pp0_zo1.pt").is_file()
+    assert not (evo / "model_tp0_pp0.pt").exists()
+
+    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
+    run = launcher.run(1, [f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
+                           f"ckpt.save_ckpt_folder={str(tmp_path / 'ckpt2')!r}"], tmp_path / "cont",
+                       config=cfg, timeout=180)
+    assert run.returncode == 0, run.tail()
+    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
+    records = read_metrics(tmp_path / "cont" / "run") or run.records
+    assert [r["step"] for r in records] == [4, 5, 6]
+    for r in records:
+        same = by_step[r["step"]]
+        assert r["loss"] == pytest.approx(same["loss"], rel=1e-6), r["step"]
+        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
+
+
 def test_internevo_optimizer_errors_name_the_file(tmp_path, monkeypatch):
     from internlm.checkpoint import internevo_optim
     from internlm.model.internlm import InternLM
