@@ -39,8 +39,10 @@ fsdp folders (parallel.zero1.fsdp=True, `model_tp{t}_pp{p}_dp{d}.pt`): each data
 SHARDED_STATE_DICT, whose ShardedTensors are read by stand-ins (internevo_fsdp.py) and put together into
 the tp rank's state dict; from there as an mtp folder.
 
-Not read (one-line error): InternLM2 checkpoints trained with adapt_hf=False when the folder's
-model_config.pt says so. Every file is read with torch.load(weights_only=True).
+InternLM2 folders trained with adapt_hf=False (the folder's model_config.pt says so): InternEvo's attention
+reorders each head's q and k dims (evens, then odds) before the rotate-half rotary, so wq's and wk's rows
+are put in that order here (and AdamW's moments with them). Every file is read with
+torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -255,13 +257,14 @@ class InternEvoSource:
 
     def _check_model_config(self) -> None:
         path = self.folder / MODEL_CONFIG
+        self.interleaved_rotary = False
         if not path.is_file():
             return
         cfg = _load(path, what="config")
-        if isinstance(cfg, dict) and not self.v1 and cfg.get("adapt_hf", True) is False:
-            raise CheckpointError(f"{path} says adapt_hf=False (interleaved rotary rows), which cannot be loaded "
-                                  f"so far; convert it with InternEvo's convert2hf_internlm2.py and load that with "
-                                  f"ckpt_type='hf'.")
+        # adapt_hf=False: InternEvo's InternLM2 attention takes each head's even dims of q and k, then the
+        # odd ones, before the rotate-half rotary: so the same model here has those rows of wq and wk in
+        # that order (q.k is the same under one permutation of both), the permutation of Meta's layout
+        self.interleaved_rotary = isinstance(cfg, dict) and not self.v1 and cfg.get("adapt_hf", True) is False
 
     def _shards(self, name: str) -> tuple[list[Path], list[torch.Tensor], str]:
         """The pieces of their `name` (global layer index) in concatenation order: one per tp rank, or, for
@@ -319,8 +322,12 @@ class InternEvoSource:
                                   f"({group} q + 1 k + 1 v) x {hd}).")
         grouped = fused.reshape(kv, group + 2, hd, *fused.shape[1:])
         rest = fused.shape[1:]
-        return {"wq": grouped[:, :group].reshape(-1, *rest), "wk": grouped[:, group].reshape(-1, *rest),
-                "wv": grouped[:, group + 1].reshape(-1, *rest), "_name": name}
+        wq, wk = grouped[:, :group].reshape(-1, *rest), grouped[:, group].reshape(-1, *rest)
+        if self.interleaved_rotary:
+            from internlm.hf.meta_llama import meta_to_rotate_half
+
+            wq, wk = meta_to_rotate_half(wq, a.num_attention_heads), meta_to_rotate_half(wk, kv)
+        return {"wq": wq, "wk": wk, "wv": grouped[:, group + 1].reshape(-1, *rest), "_name": name}
 
     def _their_name(self, name: str) -> str:
         if not self.v1:

@@ -324,6 +324,49 @@ def test_errors_name_the_file_or_tensor(tmp_path):
         load_internevo_into_parts(fresh, empty)
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, group: int) -> torch.Tensor:
+    """q.k of every query head with its kv head, [heads, T, T], for q [T, heads, d] and k [T, kv, d]."""
+    return torch.einsum("thd,shd->hts", q, k.repeat_interleave(group, dim=1))
+
+
+def test_adapt_hf_false_folder_gives_internevos_attention_scores(tmp_path):
+    """adapt_hf=False (model_config.pt): InternEvo's InternLM2 attention splits its wqkv into q, k, v per kv
+    group, puts each head's even dims of q and k before the odd ones, then applies the rotate-half rotary.
+    The folder loaded here gives the same q.k at every pair of positions, and the same v; read as an
+    adapt_hf=True folder it does not."""
+    from internlm.model.ops import apply_rope, rope_cos_sin
+
+    ref = random_model(0)
+    a = ref.args
+    folder = write_internevo_folder(ref, tmp_path / "evo", 2, 1)
+    torch.save({"num_layers": a.num_layers, "adapt_hf": False}, folder / "model_config.pt")
+    group, hd, T = a.num_attention_heads // a.num_kv_attention_heads, a.head_dim, 12
+    wqkv = torch.cat([torch.load(folder / f"model_tp{t}_pp0.pt", weights_only=True)["layers.1.attention.wqkv.weight"]
+                      for t in range(2)])
+    torch.manual_seed(3)
+    x = torch.randn(T, a.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], hd, a.rope_base, None, a.max_position_embeddings)
+    rope = lambda t: apply_rope(t[None], cos, sin)[0]  # noqa: E731 - [T, heads, d]
+
+    qkv = (x @ wqkv.T).reshape(T, a.num_kv_attention_heads, group + 2, hd)  # InternEvo's forward
+    q, k, v = qkv[:, :, :group].reshape(T, -1, hd), qkv[:, :, -2], qkv[:, :, -1]
+    q, k = (torch.cat([t[..., ::2], t[..., 1::2]], dim=-1) for t in (q, k))
+    theirs = _scores(rope(q), rope(k), group)
+
+    def ours(model):
+        att = model.layers["1"].attention
+        q = (x @ att.wq.weight.T).reshape(T, -1, hd)
+        k = (x @ att.wk.weight.T).reshape(T, -1, hd)
+        return _scores(rope(q), rope(k), group), (x @ att.wv.weight.T).reshape(T, -1, hd)
+
+    fresh = random_model(1)
+    load_internevo_into_parts(fresh, folder)
+    scores, values = ours(fresh)
+    torch.testing.assert_close(scores, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values, v)
+    assert not torch.allclose(ours(ref)[0], theirs, atol=1e-3)  # the same rows without the reordering
+
+
 def test_fsdp_folder_of_sharded_tensors_merges_dp_tp_and_pp(tmp_path):
     """parallel.zero1.fsdp=True folders: model_tp{t}_pp{p}_dp{d}.pt written by FSDP v1 itself (2 ranks,
     SHARDED_STATE_DICT, one unit per block) from a tp2 x pp2 folder; the ShardedTensors are read under
