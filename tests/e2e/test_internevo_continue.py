@@ -88,6 +88,56 @@ def _our_moments(ckpt) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def _reference(tmp_path, *overrides):
+    """Our uninterrupted 6-step run, saving at step 3: (its config, {step: record}, tokens of steps 1-3)."""
+    cfg = write_config(tmp_path, data=dict(total_steps=6),
+                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
+    ref = launcher.run(1, list(overrides), tmp_path / "ref", config=cfg, timeout=180)
+    assert ref.returncode == 0, ref.tail()
+    by_step = {r["step"]: r for r in ref.records}
+    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    return cfg, by_step, tokens
+
+
+def _continues_equal(tmp_path, cfg, evo: Path, by_step: dict, nproc: int = 1, overrides=(), rel=(1e-6, 1e-5),
+                     name: str = "cont") -> list[dict]:
+    """Continue from the InternEvo folder `evo` with content "all" (AdamW's state included): every step,
+    4 to 6, equals the uninterrupted run's in loss and gradient norm."""
+    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
+    run = launcher.run(nproc, [*overrides, f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
+                               f"ckpt.save_ckpt_folder={str(tmp_path / f'{name}_ckpt')!r}"], tmp_path / name,
+                       config=cfg, timeout=180)
+    assert run.returncode == 0, run.tail()
+    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
+    records = read_metrics(tmp_path / name / "run") or run.records
+    assert [r["step"] for r in records] == [4, 5, 6]
+    for r in records:
+        same = by_step[r["step"]]
+        assert r["lr"] == same["lr"]
+        assert r["loss"] == pytest.approx(same["loss"], rel=rel[0]), (nproc, r["step"])
+        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=rel[1]), (nproc, r["step"])
+    return records
+
+
+def _moment_folders(ours, root: Path, args=None, **layout) -> dict[str, Path]:
+    """{"exp_avg" | "exp_avg_sq": an InternEvo model folder (write_internevo_folder with `layout`) whose
+    tensors are those AdamW moments of `ours` (one of our checkpoints)}, and AdamW's step."""
+    from internlm.checkpoint.reader import load_ckpt_into_parts
+    from internlm.model.internlm import InternLM
+
+    moments = _our_moments(ours)
+    out = {}
+    for what in MOMENTS:
+        model = InternLM(args or tiny_model_args())
+        load_ckpt_into_parts([model], ours)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(moments[what][name])
+        out[what] = write_internevo_folder(model, root / f"moments_{what}", **layout)
+    (step,) = moments["step"]
+    return out, step
+
+
 class ParallelMode(enum.Enum):  # pickled as InternEvo's (its param groups hold it)
     ZERO1 = "zero1"
     DATA = "data"
@@ -98,40 +148,41 @@ THEIR_MODULES = ("internlm.core", "internlm.core.context", "internlm.core.contex
 ParallelMode.__module__ = THEIR_MODULES[-1]
 
 
+def _their_parallel_mode(monkeypatch) -> None:
+    """ParallelMode importable under InternEvo's module path, so that it pickles as InternEvo's does."""
+    for name in THEIR_MODULES:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
+
+
+def _deal(tensors: dict, ranks: int) -> tuple[list, list]:
+    """HybridZeroOptimizer's partition: the tensors sorted by size (stable), each to the rank holding the
+    fewest elements so far: (plan ids per rank, "{index}_{dims}", and the names per rank)."""
+    numel, ids, per = [0] * ranks, [[] for _ in range(ranks)], [[] for _ in range(ranks)]
+    for i, k in enumerate(sorted(tensors, key=lambda k: tensors[k].numel(), reverse=True)):
+        z = numel.index(min(numel))
+        numel[z] += tensors[k].numel()
+        ids[z].append("_".join([str(i), *map(str, tensors[k].shape)]))
+        per[z].append(k)
+    return ids, per
+
+
 def _write_internevo_optimizer(ours, folder: Path, tp: int, zero: int, monkeypatch):
     """HybridZeroOptimizer.state_dict() files of `ours` (one of our checkpoints) for InternEvo's model files
     in `folder` (tp ranks, one stage): two groups (matrices; norms), each sorted by size (stable), dealt to
     the `zero` ranks one at a time to the emptiest, flattened per rank, with the plan of ids."""
-    from internlm.checkpoint.reader import load_ckpt_into_parts
-    from internlm.model.internlm import InternLM
-
-    moments = _our_moments(ours)
-    (step,) = moments["step"]
-    files = {}
-    for what in ("exp_avg", "exp_avg_sq"):
-        model = InternLM(tiny_model_args())
-        load_ckpt_into_parts([model], ours)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(moments[what][name])
-        write_internevo_folder(model, folder.parent / what, tp=tp, pp=1)
-        files[what] = folder.parent / what
-    for name in THEIR_MODULES:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
+    files, step = _moment_folders(ours, folder.parent, tp=tp, pp=1)
+    _their_parallel_mode(monkeypatch)
     for t in range(tp):
         w = torch.load(folder / f"model_tp{t}_pp0.pt", weights_only=True)
         m = {k: torch.load(files[k] / f"model_tp{t}_pp0.pt", weights_only=True) for k in files}
         groups = [[k for k in w if w[k].dim() >= 2], [k for k in w if w[k].dim() < 2]]
-        plans, per_rank = [], [[[] for _ in groups] for _ in range(zero)]
-        for g, keys in enumerate(groups):
-            numel, ids = [0] * zero, [[] for _ in range(zero)]
-            for i, k in enumerate(sorted(keys, key=lambda k: w[k].numel(), reverse=True)):
-                z = numel.index(min(numel))
-                numel[z] += w[k].numel()
-                ids[z].append("_".join([str(i), *map(str, w[k].shape)]))
-                per_rank[z][g].append(k)
+        plans, per_rank = [], [[] for _ in range(zero)]
+        for keys in groups:
+            ids, per = _deal({k: w[k] for k in keys}, zero)
             plans.append(ids)
+            for z in range(zero):
+                per_rank[z].append(per[z])
         for z in range(zero):
             state, param_groups, flats = {}, [], {}
             for g, keys in enumerate(per_rank[z]):
@@ -153,28 +204,10 @@ def test_a_run_continues_an_internevo_folder_with_its_optimizer_state(tmp_path, 
     """content="all": AdamW's moments and step come from InternEvo's optimizer files (tp=2, ZeRO over 2
     ranks, two param groups), so every continued step equals the uninterrupted run's, not only the first;
     also with the moments sharded by FSDP over two ranks."""
-    cfg = write_config(tmp_path, data=dict(total_steps=6),
-                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
-    ref = launcher.run(1, [], tmp_path / "ref", config=cfg, timeout=180)
-    assert ref.returncode == 0, ref.tail()
-    by_step = {r["step"]: r for r in ref.records}
-    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    cfg, by_step, tokens = _reference(tmp_path)
     evo = _internevo_folder(tmp_path / "ckpt" / "3", tmp_path / "theirs" / "evo", 3, tokens, 3 * 8, 1e-3)
     _write_internevo_optimizer(tmp_path / "ckpt" / "3", evo, tp=2, zero=2, monkeypatch=monkeypatch)
-
-    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
-    run = launcher.run(nproc, [f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
-                               f"ckpt.save_ckpt_folder={str(tmp_path / 'ckpt2')!r}", *layout], tmp_path / "cont",
-                       config=cfg, timeout=180)
-    assert run.returncode == 0, run.tail()
-    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
-    records = read_metrics(tmp_path / "cont" / "run") or run.records
-    assert [r["step"] for r in records] == [4, 5, 6]
-    for r in records:
-        same = by_step[r["step"]]
-        assert r["lr"] == same["lr"]
-        assert r["loss"] == pytest.approx(same["loss"], rel=1e-6), r["step"]
-        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
+    _continues_equal(tmp_path, cfg, evo, by_step, nproc, layout)
 
 
 def _write_isp_optimizer(ours, folder: Path, monkeypatch):
@@ -187,39 +220,17 @@ def _write_isp_optimizer(ours, folder: Path, monkeypatch):
     group 2 "fp32" empty. The plan (zero_devide_optim_plan): even ranks hold it in the file and in the
     gpus-8_wp-*_tp-*_dp-*_pp-0_zo-*.pt file InternEvo writes beside it; ranks 1, 5 and 7 only in that file;
     rank 3 only in its own file, so its ZeRO rank must be told by its master weights."""
-    from internlm.checkpoint.reader import load_ckpt_into_parts
-    from internlm.model.internlm import InternLM
-
-    moments = _our_moments(ours)
-    (step,) = moments["step"]
-    src = {}
-    for what in ("exp_avg", "exp_avg_sq"):
-        model = InternLM(tiny_model_args())
-        load_ckpt_into_parts([model], ours)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(moments[what][name])
-        src[what] = write_internevo_folder(model, folder.parent / f"isp_{what}", tp=2, pp=1, wp=4)
-    for name in THEIR_MODULES:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
+    src, step = _moment_folders(ours, folder.parent, tp=2, pp=1, wp=4)
+    _their_parallel_mode(monkeypatch)
     top = ("tok_embeddings.weight", "output.weight")
-
-    def deal(w, keys, ranks):  # sorted by size (stable), each to the rank holding the fewest elements
-        numel, ids, per = [0] * ranks, [[] for _ in range(ranks)], [[] for _ in range(ranks)]
-        for i, k in enumerate(sorted(keys, key=lambda k: w[k].numel(), reverse=True)):
-            z = numel.index(min(numel))
-            numel[z] += w[k].numel()
-            ids[z].append("_".join([str(i), *map(str, w[k].shape)]))
-            per[z].append(k)
-        return ids, per
 
     for r in range(8):
         t, w_rank, d, z = r % 2, r % 4, r // 2, r // 4
         name = f"model_tp{t}_wp{w_rank}_pp0.pt"
         w = torch.load(folder / name, weights_only=True)
         m = {k: torch.load(src[k] / name, weights_only=True) for k in src}
-        (ids0, per0), (ids1, per1) = deal(w, [k for k in w if k not in top], 2), deal(w, list(top), 4)
+        (ids0, per0) = _deal({k: v for k, v in w.items() if k not in top}, 2)
+        (ids1, per1) = _deal({k: w[k] for k in top}, 4)
         plan = [ids0, ids1, [[], []]]
         state, flats, param_groups = {}, {}, []
         for g, (keys, gname, mode) in enumerate([(per0[z], "default", ParallelMode.ZERO1),
@@ -246,28 +257,11 @@ def test_a_run_continues_an_internevo_isp_folder_with_its_optimizer_state(tmp_pa
     """An isp folder (sequence 2 x weight 4 x data 4, zero1 2: eight optimizer files, three groups, the
     embedding and head sharded over the data ranks) continues with every step equal to the uninterrupted
     run's."""
-    cfg = write_config(tmp_path, data=dict(total_steps=6),
-                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
-    ref = launcher.run(1, [], tmp_path / "ref", config=cfg, timeout=180)
-    assert ref.returncode == 0, ref.tail()
-    by_step = {r["step"]: r for r in ref.records}
-    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
+    cfg, by_step, tokens = _reference(tmp_path)
     evo = _internevo_folder(tmp_path / "ckpt" / "3", tmp_path / "theirs" / "evo", 3, tokens, 3 * 8, 1e-3,
                             wp=4, pairs=[(w % 2, w) for w in range(4)])
     _write_isp_optimizer(tmp_path / "ckpt" / "3", evo, monkeypatch)
-
-    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
-    run = launcher.run(1, [f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
-                           f"ckpt.save_ckpt_folder={str(tmp_path / 'ckpt2')!r}"], tmp_path / "cont",
-                       config=cfg, timeout=180)
-    assert run.returncode == 0, run.tail()
-    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
-    records = read_metrics(tmp_path / "cont" / "run") or run.records
-    assert [r["step"] for r in records] == [4, 5, 6]
-    for r in records:
-        same = by_step[r["step"]]
-        assert r["loss"] == pytest.approx(same["loss"], rel=1e-6), r["step"]
-        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
+    _continues_equal(tmp_path, cfg, evo, by_step)
 
 
 # InternLM v1's attention (InternEvo's MoE model): one kv head per head
@@ -283,31 +277,11 @@ def _write_moe_folder(ours, folder: Path, args, monkeypatch) -> Path:
     from internlm.checkpoint.reader import load_ckpt_into_parts
     from internlm.model.internlm import InternLM
 
-    def model_of(values=None):
-        model = InternLM(args)
-        load_ckpt_into_parts([model], ours)
-        if values is not None:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(values[name])
-        return model
-
-    write_internevo_folder(model_of(), folder, tp=2, pp=1)
-    moments = _our_moments(ours)
-    (step,) = moments["step"]
-    src = {k: write_internevo_folder(model_of(moments[k]), folder.parent / f"moe_{k}", tp=2, pp=1) for k in MOMENTS}
-    for name in THEIR_MODULES:
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setattr(sys.modules[THEIR_MODULES[-1]], "ParallelMode", ParallelMode, raising=False)
-
-    def deal(tensors: dict, ranks: int):
-        numel, ids, per = [0] * ranks, [[] for _ in range(ranks)], [[] for _ in range(ranks)]
-        for i, k in enumerate(sorted(tensors, key=lambda k: tensors[k].numel(), reverse=True)):
-            z = numel.index(min(numel))
-            numel[z] += tensors[k].numel()
-            ids[z].append("_".join([str(i), *map(str, tensors[k].shape)]))
-            per[z].append(k)
-        return ids, per
+    model = InternLM(args)
+    load_ckpt_into_parts([model], ours)
+    write_internevo_folder(model, folder, tp=2, pp=1)
+    src, step = _moment_folders(ours, folder.parent, args, tp=2, pp=1)
+    _their_parallel_mode(monkeypatch)
 
     def expert_files(root: Path, t: int, experts) -> dict:  # {(file, key): tensor} of those experts
         return {(f.name, k): v for f in sorted(root.glob(f"model_moe_layer*_expert*_tp{t}.pt"))
@@ -318,12 +292,12 @@ def _write_moe_folder(ours, folder: Path, args, monkeypatch) -> Path:
         name = f"model_tp{t}_pp0.pt"
         w = torch.load(folder / name, weights_only=True)
         m = {k: torch.load(src[k] / name, weights_only=True) for k in src}
-        dense_ids, dense_per = deal(w, 4)
+        dense_ids, dense_per = _deal(w, 4)
         for z in range(4):
             mine = (2 * (z % 2), 2 * (z % 2) + 1)
             ew = expert_files(folder, t, mine)
             em = {k: expert_files(src[k], t, mine) for k in src}
-            expert_ids, expert_per = deal(ew, 2)
+            expert_ids, expert_per = _deal(ew, 2)
             plan = [dense_ids, [[] for _ in range(4)], expert_ids]
             state, flats, param_groups = {}, {}, []
             for g, (keys, values, mom, gname) in enumerate([(dense_per[z], w, m, "default"), ([], w, m, "fp32"),
@@ -351,77 +325,33 @@ def test_a_run_continues_an_internevo_moe_folder_with_its_optimizer_state(tmp_pa
     from internlm.builders import model_args
     from internlm.config.load import load_config
 
-    cfg = write_config(tmp_path, data=dict(total_steps=6),
-                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
-    ref = launcher.run(1, list(MOE), tmp_path / "ref", config=cfg, timeout=180)
-    assert ref.returncode == 0, ref.tail()
-    by_step = {r["step"]: r for r in ref.records}
+    cfg, by_step, tokens = _reference(tmp_path, *MOE)
     evo = _write_moe_folder(tmp_path / "ckpt" / "3", tmp_path / "theirs" / "evo",
                             model_args(load_config(cfg, MOE)), monkeypatch)
-    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
     torch.save({"batch_count": 2, "num_consumed_samples_in_epoch": 24, "num_consumed_tokens": tokens,
                 "step_count": 3}, evo / "context.pt")
-
-    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
     for nproc, layout in ((1, ()), (2, ("parallel.expert.size=2", "data.micro_num=2"))):
-        run = launcher.run(nproc, [*MOE, f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
-                                   f"ckpt.save_ckpt_folder={str(tmp_path / f'ckpt{nproc}')!r}", *layout],
-                           tmp_path / f"cont{nproc}", config=cfg, timeout=180)
-        assert run.returncode == 0, run.tail()
-        assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
-        records = read_metrics(tmp_path / f"cont{nproc}" / "run") or run.records
-        assert [r["step"] for r in records] == [4, 5, 6]
-        for r in records:
-            same = by_step[r["step"]]
-            assert r["loss"] == pytest.approx(same["loss"], rel=1e-5), (nproc, r["step"])
-            assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-4), (nproc, r["step"])
-            assert r["moe_load"] == same["moe_load"], (nproc, r["step"])
+        records = _continues_equal(tmp_path, cfg, evo, by_step, nproc, (*MOE, *layout), rel=(1e-5, 1e-4),
+                                   name=f"cont{nproc}")
+        assert [r["moe_load"] for r in records] == [by_step[r["step"]]["moe_load"] for r in records]
 
 
 def test_a_run_continues_an_internevo_fsdp_folder_with_its_optimizer_state(tmp_path):
     """parallel.zero1.fsdp=True: model_tp{t}_pp{p}_dp{d}.pt and FSDPadaptOptimizer files written by FSDP v1
     itself on two gloo ranks (tests/fsdp_v1_writer.py; tp=2) from our run at step 3; the continued run's
     every step equals the uninterrupted run's."""
-    from internlm.checkpoint.reader import load_ckpt_into_parts
-    from internlm.model.internlm import InternLM
-
-    cfg = write_config(tmp_path, data=dict(total_steps=6),
-                       ckpt=dict(save_ckpt_folder=str(tmp_path / "ckpt"), checkpoint_every=3))
-    ref = launcher.run(1, [], tmp_path / "ref", config=cfg, timeout=180)
-    assert ref.returncode == 0, ref.tail()
-    by_step = {r["step"]: r for r in ref.records}
+    cfg, by_step, tokens = _reference(tmp_path)
     ours = tmp_path / "ckpt" / "3"
-    tokens = sum(by_step[s]["tokens"] for s in (1, 2, 3)) if "tokens" in by_step[1] else 3 * 8 * 64
     mtp = _internevo_folder(ours, tmp_path / "theirs" / "mtp", 3, tokens, 3 * 8, 1e-3)
-    moments = _our_moments(ours)
-    (step,) = moments["step"]
-    folders = []
-    for what in MOMENTS:
-        model = InternLM(tiny_model_args())
-        load_ckpt_into_parts([model], ours)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(moments[what][name])
-        folders.append(str(write_internevo_folder(model, tmp_path / "theirs" / what, tp=2, pp=1)))
+    folders, step = _moment_folders(ours, tmp_path / "theirs", tp=2, pp=1)
     evo = tmp_path / "theirs" / "fsdp"
     writer = Path(__file__).parents[1] / "fsdp_v1_writer.py"
-    done = launcher.start_script(2, writer, [str(mtp), str(evo), *folders, str(step)], tmp_path / "w").wait(120)
+    done = launcher.start_script(2, writer, [str(mtp), str(evo), *map(str, folders.values()), str(step)],
+                                 tmp_path / "w").wait(120)
     assert done.returncode == 0, done.tail()
     assert (evo / "model_tp1_pp0_dp1.pt").is_file() and (evo / "optimizer_tp1_pp0_zo1.pt").is_file()
     assert not (evo / "model_tp0_pp0.pt").exists()
-
-    info = dict(path=str(evo), content=("all",), ckpt_type="internevo")
-    run = launcher.run(1, [f"ckpt.load_ckpt_info={info!r}", "ckpt.auto_resume=False",
-                           f"ckpt.save_ckpt_folder={str(tmp_path / 'ckpt2')!r}"], tmp_path / "cont",
-                       config=cfg, timeout=180)
-    assert run.returncode == 0, run.tail()
-    assert "AdamW state at its step 3" in run.out and "start fresh" not in run.out
-    records = read_metrics(tmp_path / "cont" / "run") or run.records
-    assert [r["step"] for r in records] == [4, 5, 6]
-    for r in records:
-        same = by_step[r["step"]]
-        assert r["loss"] == pytest.approx(same["loss"], rel=1e-6), r["step"]
-        assert r["grad_norm"] == pytest.approx(same["grad_norm"], rel=1e-5), r["step"]
+    _continues_equal(tmp_path, cfg, evo, by_step)
 
 
 def test_internevo_optimizer_errors_name_the_file(tmp_path, monkeypatch):
