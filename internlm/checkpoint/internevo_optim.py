@@ -138,7 +138,7 @@ def _is_data_group(group: dict) -> bool:
     return group.get("name") == "embed_head" or group.get("optimizer_mode") == "data"
 
 
-def _groups(path: Path, zero: int | None, data_rank: int | None = None, plan=None):
+def _groups(path: Path, zero: int | None, data_rank: int | None = None, plan_file: Path | None = None):
     """One file's parameter groups: [(group, "zero1" | "data" | "moe", [candidate segment lists])], the file's
     grad_scaler state. A segment is (group, index in the group, shape, {"weight", "exp_avg", "exp_avg_sq",
     "step"}). `zero` is the file's ZeRO rank (data-group ones: `data_rank`); None: every ZeRO rank whose
@@ -147,7 +147,9 @@ def _groups(path: Path, zero: int | None, data_rank: int | None = None, plan=Non
     if not isinstance(states, dict) or "base_optim_states" not in states:
         raise CheckpointError(f"{path} is not a HybridZeroOptimizer state (no 'base_optim_states'); only that "
                               f"optimizer's files can be loaded.")
-    plan = states.get("zero_devide_optim_plan", plan)
+    plan = states.get("zero_devide_optim_plan")
+    if plan is None and plan_file is not None:  # the copy InternEvo writes beside the file, read only if needed
+        plan = _load_optim(plan_file)
     flats = states.get("flat_fp32_weights", {})
     if plan is None:
         raise CheckpointError(f"{path} has no zero_devide_optim_plan and no gpus-*_zo-*.pt plan file is beside it "
@@ -232,9 +234,8 @@ def _mtp_segments(folder: Path, weights: InternEvoSource):
                                   f"{model_path.name}).")
         segments = []
         for z, path in enumerate(files[(t, p)]):
-            plan = next((_load_optim(f) for (t2, _, p2, _), (z2, f) in plans.items() if (t2, p2, z2) == (t, p, z)),
-                        None)
-            groups, grad_scaler = _groups(path, z, plan=plan)
+            plan_file = next((f for (t2, _, p2, _), (z2, f) in plans.items() if (t2, p2, z2) == (t, p, z)), None)
+            groups, grad_scaler = _groups(path, z, plan_file=plan_file)
             segments += [s for _, kind, cands in groups if kind != "moe" for s in cands[0]]
             scaler = scaler if scaler is not None else grad_scaler
             for g, kind, cands in groups:
@@ -279,8 +280,7 @@ def _isp_segments(folder: Path, weights: InternEvoSource):
     scaler = None
     for (t, w, p, d), path in sorted(files.items()):
         zero, plan_file = plans.get((t, w, p, d), (None, None))
-        groups, grad_scaler = _groups(path, zero, data_rank=d,
-                                      plan=_load_optim(plan_file) if plan_file is not None else None)
+        groups, grad_scaler = _groups(path, zero, data_rank=d, plan_file=plan_file)
         scaler = scaler if scaler is not None else grad_scaler
         first.setdefault(p, path)
         for g, kind, candidates in groups:
