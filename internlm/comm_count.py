@@ -12,8 +12,13 @@ the bytes one rank sends under the ring model the planner uses (internlm/plan/es
 - all_to_all: the bytes of the input that go to other ranks;
 - send: bytes(x) (a receive sends nothing).
 
+It also counts the memory traffic of FSDP2's copies around its collectives (`hbm_bytes`, "fsdp_copy":
+what its copy-out after each all-gather and its copy-in before each reduce-scatter read and write),
+which the planner times on the compute stream.
+
 The step after the first is counted (the first builds pipeline shapes and warms caches), and each rank
-writes `<run folder>/comm/rank<R>.json`: {"step", "bytes": {kind: bytes}, "calls": {kind: count}}.
+writes `<run folder>/comm/rank<R>.json`: {"step", "bytes": {kind: bytes}, "calls": {kind: count},
+"hbm_bytes": {"fsdp_copy": bytes}}.
 `tools/plan.py --explain RUN` compares it with the plan; tests/unit/test_plan_comm.py checks the plan
 against it for each layout. The mode sends every operator of that step through Python: a slower step,
 the same numbers.
@@ -40,6 +45,9 @@ _KINDS = {
     "send": "send", "recv_": "recv", "recv_any_source_": "recv", "broadcast_": "broadcast",
     "barrier": "barrier",
 }
+
+
+_FSDP_COPIES = ("split_with_sizes_copy", "chunk_cat")  # torch.ops.fsdp: all-gather copy-out, reduce-scatter copy-in
 
 
 def _nbytes(t) -> int:
@@ -69,6 +77,7 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.bytes: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.hbm: dict[str, float] = defaultdict(float)  # memory traffic of FSDP's copies
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -78,6 +87,10 @@ class CommCounter(TorchDispatchMode):
             kind = _KINDS.get(name)
             if kind is not None:
                 self._count(ns, name, kind, args)
+        elif ns == "fsdp" and func.__name__.split(".")[0] in _FSDP_COPIES:
+            # FSDP2's copies on the compute stream: the gathered buffer out to the parameters, the
+            # gradients into the reduce-scatter's input; read once, written once
+            self.hbm["fsdp_copy"] += _nbytes(args[0]) + _nbytes(kwargs.get("out", args[-1]))
         return func(*args, **kwargs)
 
     def _count(self, ns: str, name: str, kind: str, args) -> None:
@@ -143,7 +156,8 @@ class StepCommCounter:
         if self.counter is not None:
             self.counter.__exit__(None, None, None)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"step": step, "bytes": dict(self.counter.bytes), "calls": dict(self.counter.calls)}
+            record = {"step": step, "bytes": dict(self.counter.bytes), "calls": dict(self.counter.calls),
+                      "hbm_bytes": dict(self.counter.hbm)}
             self.path.write_text(json.dumps(record, indent=1, sort_keys=True))
             self.counter = None
         elif step + 1 == self.target:

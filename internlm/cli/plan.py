@@ -38,9 +38,8 @@ def _report(p, hw, gpus: int) -> list[str]:
         for k, v in p.comm_bytes.items():
             lines.append(f"  {k:<30}{v / GiB:8.2f} GiB")
     t = p.time_s
-    lines.append("step time: " + ", ".join(f"{k} {t[k]:.3f}s" for k in
-                                           ("gemm", "attention", "elementwise", "recompute", "exposed_comm", "bubble",
-                                            "optimizer")) + f" = {t['step']:.3f}s")
+    parts = ("gemm", "attention", "elementwise", "fsdp_copy", "recompute", "exposed_comm", "bubble", "optimizer")
+    lines.append("step time: " + ", ".join(f"{k} {t[k]:.3f}s" for k in parts) + f" = {t['step']:.3f}s")
     lines.append(f"predicted: TGS {p.tgs:.0f}  TFLOPS {p.tflops:.1f}  MFU {p.mfu:.1%}")
     lines += [f"note: {n}" for n in p.notes]
     return lines

@@ -35,6 +35,7 @@ class Plan:
     tflops: float  # InternEvo's formula on the predicted step time
     mfu: float
     notes: list = field(default_factory=list)
+    hbm_bytes: dict = field(default_factory=dict)  # per step on the peak rank: "fsdp_copy"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +152,41 @@ def pipeline_sends(dims: ParallelDims, stage_ids: list[int]) -> int:
                for sid in stage_ids)
 
 
+def fsdp_numels(dims: ParallelDims, s: StageShapes) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Elements FSDP gathers and reduces per micro-batch on a rank of stage `s`: (gathered, reduced) of
+    the units over the data-parallel shard group, and of the expert-parallel experts over their replicas
+    (zeros when FSDP does not shard them). Forward gathers every unit; with reshard after forward,
+    backward gathers them again except each model part's last block, which FSDP keeps."""
+    if not dims.fsdp:
+        return (0.0, 0.0), (0.0, 0.0)
+    numel = s.compute_numel - s.expert_numel  # expert-parallel experts are not FSDP's
+    gathered = numel + (numel - s.last_blocks_numel if dims.reshard_after_forward else 0)
+    experts = (s.expert_numel * (2 if dims.reshard_after_forward else 1), s.expert_numel) \
+        if dims.expert_shard else (0.0, 0.0)
+    return (gathered, numel), experts
+
+
+def fsdp_copy_bytes(dims: ParallelDims, s: StageShapes, act_bytes: int) -> float:
+    """HBM bytes of FSDP2's copies on the compute stream per micro-batch: after each all-gather the
+    parameters are copied out of the gathered buffer (read and write, foreach_all_gather_copy_out), and
+    before each reduce-scatter the gradients are copied into its fp32 input (read in the compute dtype,
+    written in fp32: foreach_reduce_scatter_copy_in)."""
+    (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s)
+    return 2 * act_bytes * (gathered + experts) + (act_bytes + 4) * (reduced + expert_reduced)
+
+
+# HBM bytes per logit element of the loss, forward and backward (eager kernels, every pass counted):
+# the chunked kernel (internlm.loss) reads the bf16 logits into an fp32 block and takes its log-sum-exp
+# (max, subtract, exp, sum: 30 bytes), and in backward casts them again, subtracts, exponentiates,
+# scales and writes the bf16 gradient (36); F.cross_entropy on logits.float() (the vocabulary-sharded
+# path) casts, log-softmaxes, and in backward fills the NLL gradient, runs the log-softmax backward and
+# casts back (48).
+LOSS_BYTES = {"chunked": 66, "torch": 48}
+# flash attention's FLOPs over the model's: its backward recomputes QK^T (five matmuls to the forward's
+# two), 3.5 forwards in all where the model counts 3; its published efficiencies count the same way
+ATTN_KERNEL_FLOPS = 3.5 / 3
+
+
 def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int) -> dict:
     """Bytes one rank of pipeline stage `s0` sends per step, by mesh dimension and collective, under the
     ring model (an all-gather sends (n-1) shards, a reduce-scatter (n-1)/n of its input, an all-reduce
@@ -165,19 +201,15 @@ def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int
     comm: dict = {}
     if dims.fsdp:
         shard, replicate = fsdp_group_sizes(dims)
-        numel = s0.compute_numel - s0.expert_numel  # expert-parallel experts are not FSDP's
-        # forward gathers every unit; with reshard after forward, backward gathers them again except
-        # each model part's last block, which FSDP keeps
-        gathered = numel + (numel - s0.last_blocks_numel if dims.reshard_after_forward else 0)
+        (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s0)
         comm["dp_shard/all_gather"] = micro_num * _ring(act_bytes * gathered, shard)
-        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * numel, shard)
+        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * reduced, shard)
         if replicate > 1:
             comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(
                 4 * (s0.stored_numel - s0.expert_stored_numel), replicate)
         if dims.expert_shard:  # expert-parallel experts: an FSDP unit per layer over their replicas
-            experts = s0.expert_numel * (2 if dims.reshard_after_forward else 1)
             comm["edp/all_gather"] = micro_num * _ring(act_bytes * experts, dims.edp)
-            comm["edp/reduce_scatter"] = micro_num * _ring(4 * s0.expert_numel, dims.edp)
+            comm["edp/reduce_scatter"] = micro_num * _ring(4 * expert_reduced, dims.edp)
     if dims.tensor_parallel > 1:
         x = tokens * h * act_bytes
         # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs, the
@@ -296,7 +328,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
 
     # ---- FLOPs ------------------------------------------------------------------------------------
     keys = (data.seq_len + 1) / 2  # causal attention span per query (samples up to seq_len long)
-    attn_per_token_layer = 3 * 2 * 2 * keys * q
+    attn_per_token_layer = 3 * 2 * 2 * keys * q  # model FLOPs: forward QK^T and PV, backward twice that
+    attn_kernel_per_token_layer = ATTN_KERNEL_FLOPS * attn_per_token_layer
     global_tokens = tokens * micro_num * dims.dp
 
     # ---- communication per step (bytes sent by one rank) ----------------------------------------------
@@ -310,27 +343,34 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     split = dims.tp  # tp and isp both divide a micro-batch's work over the tp group
     worst = 0.0
     parts = {}
+    loss_kernel = "torch" if cfg.loss.kernel == "torch" or dims.tensor_parallel > 1 else "chunked"
     for s in shapes:
         n_ck = checkpointed(s.num_layers)
         gemm = 6 * tokens * (s.num_layers * layer_weights + (h * V if s.last else 0)) / split
-        attn = tokens * s.num_layers * attn_per_token_layer / split
+        attn = tokens * s.num_layers * attn_kernel_per_token_layer / split
         # elementwise traffic of an eager block (norms, rotary, residual adds, SwiGLU, casts), forward
-        # and backward: ~210 bytes per hidden unit and ~30 per FFN unit and token
+        # and backward: ~210 bytes per hidden unit and ~30 per FFN unit and token; the last stage's loss
+        # over its logits (its vocabulary shard, or its tokens under isp)
         elem = tokens * s.num_layers * (210 * h + 30 * f) / split
+        loss = tokens * V * LOSS_BYTES[loss_kernel] / split if s.last else 0.0
         t_gemm, t_attn, t_elem = gemm / gemm_rate, attn / attn_rate, elem / hbm
-        recompute = 0.0
+        t_copy = fsdp_copy_bytes(dims, s, act_bytes) / hbm
+        recompute = 0.0  # a block's forward again (the head and the loss are not checkpointed)
         if n_ck and policy == "full":
-            recompute = n_ck / s.num_layers * (t_gemm + t_attn + t_elem) / 3
+            blocks_gemm = 6 * tokens * s.num_layers * layer_weights / split / gemm_rate
+            recompute = n_ck / s.num_layers * (blocks_gemm + t_attn + t_elem) / 3
         elif n_ck:
             recompute = n_ck / s.num_layers * t_elem / 3
             if policy == "selective_op":  # the forward of wk, wo and w3 again
                 again = (h * kv + q * h + h * f) / layer_weights
                 recompute += n_ck * 2 * tokens * layer_weights * again / split / gemm_rate
-        t = t_gemm + t_attn + t_elem
+        t_elem += loss / hbm
+        t = t_gemm + t_attn + t_elem + t_copy
         if t + recompute > worst:
             worst = t + recompute
-            parts = {"gemm": t_gemm, "attention": t_attn, "elementwise": t_elem, "recompute": recompute}
-    compute = micro_num * (parts["gemm"] + parts["attention"] + parts["elementwise"])
+            parts = {"gemm": t_gemm, "attention": t_attn, "elementwise": t_elem, "fsdp_copy": t_copy,
+                     "recompute": recompute}
+    compute = micro_num * (parts["gemm"] + parts["attention"] + parts["elementwise"] + parts["fsdp_copy"])
     recompute = micro_num * parts["recompute"]
     busy = compute + recompute
     exposed = 0.0
@@ -351,7 +391,7 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     time_s = {"compute": compute, "recompute": recompute, "exposed_comm": exposed + pp_time, "bubble": bubble,
               "optimizer": optimizer, "step": step, "comm_total": critical + fsdp_time + pp_time,
               "gemm": micro_num * parts["gemm"], "attention": micro_num * parts["attention"],
-              "elementwise": micro_num * parts["elementwise"]}
+              "elementwise": micro_num * parts["elementwise"], "fsdp_copy": micro_num * parts["fsdp_copy"]}
     rates = step_throughput(args, m, tokens=global_tokens, step_time_s=step, world_size=gpus, seq_len=data.seq_len,
                             peak_flops=hw.peak_flops)
     internevo_fpt = rates["tflops"] * 1e12 * step * gpus / global_tokens
@@ -360,4 +400,5 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     fits = memory["total"] * 1.05 + 1.0 <= hw.memory_gib
     return Plan(describe_layout(dims, cfg), fits, memory, peak_stage,
                 {"model": rates["model_flops_per_token"], "internevo": internevo_fpt}, comm, time_s,
-                rates["tgs"], rates["tflops"], rates["mfu"], notes)
+                rates["tgs"], rates["tflops"], rates["mfu"], notes,
+                {"fsdp_copy": micro_num * fsdp_copy_bytes(dims, s0, act_bytes)})

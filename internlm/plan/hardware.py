@@ -3,7 +3,8 @@
 Peak figures are the vendors' dense (no sparsity) BF16 tensor-core numbers; bandwidths are per GPU and
 per direction. The efficiencies say what fraction of a peak a well-shaped kernel reaches in practice:
 `gemm_eff` (cuBLAS on transformer-sized GEMMs), `attn_eff` (the flash-attention kernel forward + backward,
-as its papers report per GPU generation), `hbm_eff` (streaming elementwise kernels) and `link_eff`
+as its papers report per GPU generation, in their FLOP count: the backward 2.5 times the forward, as it
+recomputes QK^T), `hbm_eff` (streaming elementwise kernels) and `link_eff`
 (NCCL ring bus bandwidth over the link's peak). They are set once per GPU model from those public
 figures and are not tuned per case; doc/plan.md lists them and what they predict against published runs.
 """

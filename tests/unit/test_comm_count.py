@@ -29,3 +29,19 @@ def test_each_collective_counts_what_one_rank_sends_in_a_ring():
     assert dict(c.bytes) == {"all_reduce": 96 + 96 + 32, "all_gather": 192 + 192, "reduce_scatter": 48 + 48,
                              "all_to_all": 48 + 28, "send": 64, "recv": 0}
     assert c.calls["all_reduce"] == 3 and c.calls["all_to_all"] == 2
+
+
+def test_fsdp_copies_count_what_they_read_and_write():
+    import torch.distributed.fsdp._fully_shard._fsdp_collectives  # noqa: F401  (registers torch.ops.fsdp)
+
+    gathered = torch.arange(24, dtype=torch.bfloat16)  # an all-gather's output over 2 ranks: 48 bytes
+    outs = [torch.empty(2, 4, dtype=torch.bfloat16), torch.empty(2, 8, dtype=torch.bfloat16)]
+    grads = [torch.ones(4, 2, dtype=torch.bfloat16), torch.ones(6, dtype=torch.bfloat16)]  # 28 bytes
+    rs_input = torch.empty(14, dtype=torch.float32)  # 56 bytes
+    with CommCounter() as c:
+        torch.ops.fsdp.split_with_sizes_copy(gathered.view(2, -1), [4, 8], dim=1, out=outs)
+        torch.ops.fsdp.chunk_cat(grads, dim=0, num_chunks=2, out=rs_input.view(2, -1))
+        torch.empty(6).copy_(torch.ones(6))  # other copies are not FSDP's
+    assert dict(c.hbm) == {"fsdp_copy": (48 + 48) + (28 + 56)}
+    assert outs[1][1].tolist() == gathered.view(2, -1)[1, 4:].tolist()  # the copies still ran
+    assert not c.bytes

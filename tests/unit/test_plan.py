@@ -158,6 +158,23 @@ def test_internevo_7b_on_a100_within_20_percent(overrides, published):
     assert abs(p.tgs / published - 1) < 0.20, (p.tgs, published)
 
 
+LLAMA3_8B = ["VOCAB_SIZE=128256", "model.vocab_size=128256", "data.seq_len=8192", "model.max_position_embeddings=8192",
+             "parallel.tensor.size=1", "parallel.zero1.fsdp=True", "model.checkpoint=True",
+             "model.checkpoint_policy='selective_op'", "data.micro_bsz=2", "data.micro_num=1"]
+
+
+@pytest.mark.parametrize("gpus,published", [
+    (8, 5762),  # torchtitan benchmarks/llama3_h100_202412_torchtitan.md: Llama 3.1 8B, FSDP, selective AC
+    (128, 5605),  # same, Table 3: 16 hosts, global batch 256
+])
+def test_torchtitan_llama3_8b_on_h100_within_20_percent(gpus, published):
+    # Llama 3.1 8B has InternLM2 7B's shape (4096 hidden, 32 layers, 8 KV heads, FFN 14336)
+    cfg = load_config(ROOT / "configs/7B_internlm2.py", NO_DATA + LLAMA3_8B + [f"parallel.zero1.size={gpus}"])
+    p = plan(cfg, gpus, GPUS["H100-96GB"])
+    assert p.fits
+    assert abs(p.tgs / published - 1) < 0.20, (p.tgs, published)
+
+
 def test_internevo_layout_order_on_8_a100():
     # published: (tp=1, zero1=8) 4078 > (tp=2, zero1=4) 3761 (tp=2 runs micro_bsz 4)
     tp1 = plan(load_config(ROOT / "configs/7B_sft.py", NO_DATA + INTERNEVO_7B), 8, GPUS["A100-80GB"])
