@@ -104,7 +104,10 @@ def _expert_ffn(x, counts, w1, w3, w2):
         w1, w3, w2 = (w.to(x.dtype).transpose(1, 2) for w in (w1, w3, w2))  # [E, in, out], column-major
         h = F.silu(F.grouped_mm(x, w1, offs=offs)) * F.grouped_mm(x, w3, offs=offs)
         return F.grouped_mm(h, w2, offs=offs)
-    parts = [F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]), w2[e])
+    # unbind once: its backward stacks the experts' gradients in one pass, where indexing w1[e] per
+    # expert would write (and then add up) a whole [E, ...] gradient for each expert
+    w1s, w3s, w2s = w1.unbind(0), w3.unbind(0), w2.unbind(0)
+    parts = [F.linear(F.silu(F.linear(rows, w1s[e])) * F.linear(rows, w3s[e]), w2s[e])
              for e, rows in enumerate(torch.split(x, counts)) if counts[e]]
     if not parts:
         # no rows (every assignment of this rank's tokens dropped): the weights still join the graph with
