@@ -175,6 +175,15 @@ def fsdp_copy_bytes(dims: ParallelDims, s: StageShapes, act_bytes: int) -> float
     return 2 * act_bytes * (gathered + experts) + (act_bytes + 4) * (reduced + expert_reduced)
 
 
+# HBM bytes per token of an eager transformer block, forward and backward, by width (hidden h, query q,
+# key/value kv, FFN f: the active width under MoE), in bf16 under FSDP with CUDA's fused RMSNorm: the norms and
+# their fp32 casts, rotary (slices, negation, cat, two multiplies and an add, on q and k), the residual
+# adds, SwiGLU's silu and product, and the gradients autograd adds up; counted from the block's ops in
+# tests/unit/test_plan_traffic.py. A MoE layer adds its routing (the fp32 gate, softmax and top-k) and the
+# routed rows' gather, weighting and index_add, per hidden unit: "layer" once, "routed" per top_k choice.
+BLOCK_BYTES = {"hidden": 166, "q": 45, "kv": 49, "ffn": 29}
+MOE_BYTES = {"layer": 35, "routed": 34}
+
 # HBM bytes per logit element of the loss, forward and backward (eager kernels, every pass counted):
 # the chunked kernel (internlm.loss) reads the bf16 logits into an fp32 block and takes its log-sum-exp
 # (max, subtract, exp, sum: 30 bytes), and in backward casts them again, subtracts, exponentiates,
@@ -281,7 +290,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     layer_weights = 2 * h * q + 2 * h * kv + 3 * h * f
     notes = []
     if args.num_experts > 1:
-        notes.append("MoE layers are counted as dense FFNs of the active width in time and activations")
+        notes.append("MoE layers are timed as dense FFNs of the active width plus their routing traffic, with "
+                     "tokens spread evenly over the experts (no imbalance, nothing dropped)")
 
     # ---- memory per pipeline rank -----------------------------------------------------------------
     per_stage = []
@@ -344,14 +354,15 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     worst = 0.0
     parts = {}
     loss_kernel = "torch" if cfg.loss.kernel == "torch" or dims.tensor_parallel > 1 else "chunked"
+    block_bytes = BLOCK_BYTES["hidden"] * h + BLOCK_BYTES["q"] * q + BLOCK_BYTES["kv"] * kv + BLOCK_BYTES["ffn"] * f
+    moe_bytes = (MOE_BYTES["layer"] + MOE_BYTES["routed"] * args.top_k) * h if args.num_experts > 1 else 0.0
     for s in shapes:
         n_ck = checkpointed(s.num_layers)
         gemm = 6 * tokens * (s.num_layers * layer_weights + (h * V if s.last else 0)) / split
         attn = tokens * s.num_layers * attn_kernel_per_token_layer / split
-        # elementwise traffic of an eager block (norms, rotary, residual adds, SwiGLU, casts), forward
-        # and backward: ~210 bytes per hidden unit and ~30 per FFN unit and token; the last stage's loss
-        # over its logits (its vocabulary shard, or its tokens under isp)
-        elem = tokens * s.num_layers * (210 * h + 30 * f) / split
+        # elementwise traffic of the eager blocks (BLOCK_BYTES, MOE_BYTES) and the last stage's loss over
+        # its logits (its vocabulary shard, or its tokens under isp)
+        elem = tokens * (s.num_layers * block_bytes + s.moe_layers * moe_bytes) / split
         loss = tokens * V * LOSS_BYTES[loss_kernel] / split if s.last else 0.0
         t_gemm, t_attn, t_elem = gemm / gemm_rate, attn / attn_rate, elem / hbm
         t_copy = fsdp_copy_bytes(dims, s, act_bytes) / hbm
