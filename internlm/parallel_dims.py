@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+ZERO_BUBBLE_MODES = ("zbh1", "zbv")  # schedules that split backward into input- and weight-gradient passes
 
 
 def expert_zero_shards(size: int, edp: int) -> bool:
@@ -50,6 +51,10 @@ class ParallelDims:
     window: int = 1  # InternEvo's double ring: context ranks per inner ring (1 or context: one ring)
     interleaved: bool = False  # double-ring windows of every other context rank
     reshard_after_forward: bool = False  # parallel.zero1.fsdp: parameters resharded after forward (ZeRO-3)
+    # fsdp (or isp's weight parallelism) asked for under a zero-bubble schedule, whose weight-gradient pass
+    # (W) runs after later forwards: a weight resharded by such a forward would take W's gradient on its
+    # shard, unreduced. FSDP keeps the stage's weights gathered from the first forward to the step's end.
+    fsdp_kept_for_zero_bubble: bool = False
     num_chunks: int = 1
     pp_mode: str = "1f1b"
     ep: int = 1  # MoE expert parallelism: data-parallel ranks that split each layer's experts
@@ -93,10 +98,13 @@ class ParallelDims:
         s2d = par.sequence_2D
         two_d = isp and s2d.enable
         ep = expert_parallel_size(par.expert.size, dp, cfg.model.num_experts) if cfg.model.num_experts else 1
+        reshard = par.zero1.fsdp or (isp and par.weight.size > 1)
+        zero_bubble = pp > 1 and par.pipeline.mode in ZERO_BUBBLE_MODES
         return cls(world_size=world_size, pp=pp, dp_replicate=dp // zero1, dp_shard=zero1, tp=tp,
                    tp_mode=par.tensor.mode, wp=wp,
-                   # weight parallelism gathers weights for each use and frees them after (InternEvo's wp)
-                   reshard_after_forward=par.zero1.fsdp or (isp and par.weight.size > 1),
+                   # weight parallelism gathers weights for each use and frees them after (InternEvo's wp);
+                   # not under the zero-bubble schedules (fsdp_kept_for_zero_bubble)
+                   reshard_after_forward=reshard and not zero_bubble, fsdp_kept_for_zero_bubble=reshard and zero_bubble,
                    num_chunks=cfg.model.num_chunks, pp_mode=par.pipeline.mode,
                    head=s2d.head_size if two_d else 0, context=s2d.context_size if two_d else 1,
                    head_first=s2d.device_placement_strategy.head_first, zero1_raised_from=raised_from,
@@ -191,7 +199,8 @@ class ParallelDims:
     def describe(self) -> str:
         raised = f" raised from {self.zero1_raised_from} by weight.size" if self.zero1_raised_from else ""
         return (f"world={self.world_size} pp={self.pp} dp={self.dp} (zero1={self.dp_shard}{raised}, "
-                f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}) "
+                f"replicas={self.dp_replicate}{', fsdp' if self.reshard_after_forward else ''}"
+                f"{', fsdp kept gathered for zero-bubble' if self.fsdp_kept_for_zero_bubble else ''}) "
                 f"tp={self.tp} ({self.tp_mode}{f', wp={self.wp}' if self.wp > 1 else ''}"
                 f"{f', head={self.head} x context={self.context}' if self.context > 1 else ''})"
                 + (f" num_chunks={self.num_chunks} pp_mode={self.pp_mode}" if self.pp > 1 else "")

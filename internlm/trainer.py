@@ -58,6 +58,11 @@ class Trainer:
         logger.info(f"run folder: {self.run_folder}  layout: {self.dims.describe()}  device: {self.device}")
         for notice in cfg.notices:  # InternEvo keys this engine accepts without effect
             logger.info(f"notice: {notice}")
+        if self.dims.fsdp_kept_for_zero_bubble:
+            logger.info(f"notice: parallel.pipeline.mode={self.dims.pp_mode!r} computes weight gradients after later "
+                        "forwards, so FSDP keeps each stage's weights gathered for the whole step instead of "
+                        "resharding them after forward (parallel.zero1.fsdp / weight.size); modes '1f1b' and "
+                        "'gpipe' reshard them")
         self._build_model()
         self.optimizer, self.lr_scheduler, self.beta2_scheduler = builders.optimizer(
             self.model_parts, cfg, self.device, stage_world_size=self.dims.dp * self.dims.tp)
@@ -208,10 +213,16 @@ class Trainer:
                     self.schedule.eval(*args, target=target if last else None, **kwargs)
             return
         model = self.model_parts[0]
+        # zero1 keeps the gathered weights from forward to backward; keep them on to the next micro-batch
+        # too, instead of resharding after each backward and gathering them again (no higher peak: they
+        # are held through every backward anyway); the step's last backward reshards them
+        keep = train and n_micro > 1 and self.dims.fsdp and not self.dims.reshard_after_forward
         # one autocast region for all micro-batches: the bf16 copies of the weights are cached
         # and made once per step instead of once per micro-batch
         with self._context():
             for i in range(n_micro):
+                if keep:
+                    model.set_reshard_after_backward(i == n_micro - 1)
                 logits = model(inputs[i:i + 1], position_ids=positions[i:i + 1])
                 loss = self.loss_fn(logits, target[i:i + 1])
                 if self.moe:  # the load-balancing loss, logged apart (moe_loss), under the same loss scale

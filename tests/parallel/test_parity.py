@@ -138,6 +138,10 @@ LAYOUTS = [
     Layout("pp2_gpipe", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='gpipe'")),
     Layout("pp2_zbh1", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbh1'")),
     Layout("pp2_zbv", 2, 1, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2")),
+    # pipeline x data parallel: the schedule keeps the gradients unsharded until the step's last backward
+    Layout("pp2_zbv_dp2_fsdp", 4, 2, ("parallel.pipeline.size=2", "parallel.pipeline.mode='zbv'", "model.num_chunks=2",
+                                      "parallel.zero1.fsdp=True")),
+    Layout("pp2_dp2_fsdp", 4, 2, ("parallel.pipeline.size=2", "parallel.zero1.fsdp=True")),
     # TP x Hybrid ZeRO (FSDP2 over DTensor TP shards), then everything at once: 8 processes on 2 cores,
     # so fewer steps
     Layout("tp2_dp2_zero1-2", 4, 2, ("parallel.tensor.size=2", "parallel.zero1.size=2")),

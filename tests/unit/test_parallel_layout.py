@@ -83,6 +83,19 @@ def test_weight_size_beyond_the_isp_group_raises_zero1(weight, zero1, world, tp,
     assert want[3] in dims.describe()
 
 
+@pytest.mark.parametrize("mode, chunks, resharded", [("1f1b", 1, True), ("1f1b", 2, True), ("gpipe", 1, True),
+                                                      ("zbh1", 1, False), ("zbv", 2, False)])
+def test_zero_bubble_schedules_keep_fsdp_weights_gathered(mode, chunks, resharded):
+    # their weight-gradient pass runs after later forwards: a weight resharded by one of those would take
+    # its gradient on the shard (unreduced); tests/parallel/test_parity.py::pp2_zbv_dp2_fsdp trains it
+    cfg = _cfg("parallel.pipeline.size=2", f"parallel.pipeline.mode={mode}", f"model.num_chunks={chunks}",
+               "parallel.zero1.fsdp=True")
+    dims = ParallelDims.from_config(cfg, 4)
+    assert dims.reshard_after_forward == resharded
+    assert dims.fsdp_kept_for_zero_bubble == (not resharded)
+    assert ("fsdp kept gathered for zero-bubble" in dims.describe()) == (not resharded)
+
+
 def test_sequence_parallel_only_with_tp():
     assert ParallelDims(world_size=2, tp=2, tp_mode="msp").sequence_parallel
     assert not ParallelDims(world_size=2, tp=2, tp_mode="mtp").sequence_parallel
