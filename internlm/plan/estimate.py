@@ -16,7 +16,7 @@ from internlm.config import torch_dtype
 from internlm.metrics import active_ffn_width, step_throughput
 from internlm.parallel_dims import ParallelDims
 from internlm.plan.hardware import Hardware
-from internlm.plan.schedule import schedule_bubble, schedule_memory_states
+from internlm.plan.schedule import schedule_bubble, schedule_fsdp_gathers, schedule_memory_states
 from internlm.plan.shapes import StageShapes, stage_shapes
 
 GiB = 2**30
@@ -152,27 +152,49 @@ def pipeline_sends(dims: ParallelDims, stage_ids: list[int]) -> int:
                for sid in stage_ids)
 
 
-def fsdp_numels(dims: ParallelDims, s: StageShapes) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Elements FSDP gathers and reduces per micro-batch on a rank of stage `s`: (gathered, reduced) of
-    the units over the data-parallel shard group, and of the expert-parallel experts over their replicas
-    (zeros when FSDP does not shard them). Forward gathers every unit; with reshard after forward,
-    backward gathers them again except each model part's last block, which FSDP keeps."""
+def fsdp_numels(dims: ParallelDims, s: StageShapes, micro_num: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Elements FSDP gathers and reduces per step on a rank of stage `s`: (gathered, reduced) of the units
+    over the data-parallel shard group, and of the expert-parallel experts over their replicas (zeros
+    when FSDP does not shard them).
+
+    Without pipelining each micro-batch is a forward and a backward of its own that reduce-scatters every
+    unit: under zero1 the trainer gathers each unit once per step and keeps it to the step's last backward;
+    with reshard after forward (fsdp) forward gathers every unit, backward gathers them again except each
+    model part's last block, which FSDP keeps, and reshards them. Under pipelining PyTorch's
+    schedule keeps the gradients unsharded (fp32) until the step's last backward and reduces them once;
+    a unit is gathered as the schedule's order makes it (schedule_fsdp_gathers)."""
     if not dims.fsdp:
         return (0.0, 0.0), (0.0, 0.0)
     numel = s.compute_numel - s.expert_numel  # expert-parallel experts are not FSDP's
-    gathered = numel + (numel - s.last_blocks_numel if dims.reshard_after_forward else 0)
-    experts = (s.expert_numel * (2 if dims.reshard_after_forward else 1), s.expert_numel) \
-        if dims.expert_shard else (0.0, 0.0)
-    return (gathered, numel), experts
+    experts = s.expert_numel if dims.expert_shard else 0.0
+    if dims.pp > 1:
+        again = schedule_fsdp_gathers(dims.pp, dims.num_chunks, dims.pp_mode, s.pp_rank, micro_num) \
+            if dims.reshard_after_forward else 1.0
+        gathered = s.last_blocks_numel + (numel - s.last_blocks_numel) * again
+        return (gathered, numel), (experts * again, experts)
+    if not dims.reshard_after_forward:  # zero1: the trainer keeps the gathered weights to the step's end
+        return (numel, micro_num * numel), (experts, micro_num * experts)
+    gathered = numel + numel - s.last_blocks_numel
+    return (micro_num * gathered, micro_num * numel), (micro_num * experts * 2, micro_num * experts)
 
 
-def fsdp_copy_bytes(dims: ParallelDims, s: StageShapes, act_bytes: int) -> float:
-    """HBM bytes of FSDP2's copies on the compute stream per micro-batch: after each all-gather the
-    parameters are copied out of the gathered buffer (read and write, foreach_all_gather_copy_out), and
-    before each reduce-scatter the gradients are copied into its fp32 input (read in the compute dtype,
-    written in fp32: foreach_reduce_scatter_copy_in)."""
-    (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s)
-    return 2 * act_bytes * (gathered + experts) + (act_bytes + 4) * (reduced + expert_reduced)
+def fsdp_copy_bytes(dims: ParallelDims, s: StageShapes, act_bytes: int, micro_num: int) -> float:
+    """HBM bytes of FSDP2's copies on the compute stream per step: after each all-gather the parameters
+    are copied out of the gathered buffer (read and write, foreach_all_gather_copy_out), and before each
+    reduce-scatter the gradients are copied into its fp32 input (foreach_reduce_scatter_copy_in): read
+    in the compute dtype, or in fp32 where pipelining accumulated them."""
+    (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s, micro_num)
+    grad_bytes = 4 if dims.pp > 1 else act_bytes
+    return 2 * act_bytes * (gathered + experts) + (grad_bytes + 4) * (reduced + expert_reduced)
+
+
+def grad_accumulation_bytes(dims: ParallelDims, s: StageShapes, act_bytes: int, micro_num: int) -> float:
+    """HBM bytes per step of accumulating unsharded gradients over micro-batches, which pipelining does
+    (FSDP casts the first micro-batch's to fp32, then adds each later one in)."""
+    if dims.pp == 1 or not dims.fsdp:
+        return 0.0
+    numel = s.compute_numel
+    return numel * ((act_bytes + 4) + (micro_num - 1) * (act_bytes + 8))
 
 
 # HBM bytes per token of an eager transformer block, forward and backward, by width (hidden h, query q,
@@ -210,15 +232,16 @@ def communication(cfg, dims: ParallelDims, args, s0: StageShapes, act_bytes: int
     comm: dict = {}
     if dims.fsdp:
         shard, replicate = fsdp_group_sizes(dims)
-        (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s0)
-        comm["dp_shard/all_gather"] = micro_num * _ring(act_bytes * gathered, shard)
-        comm["dp_shard/reduce_scatter"] = micro_num * _ring(4 * reduced, shard)
-        if replicate > 1:
-            comm["dp_replicate/all_reduce"] = micro_num * 2 * _ring(
+        (gathered, reduced), (experts, expert_reduced) = fsdp_numels(dims, s0, micro_num)
+        comm["dp_shard/all_gather"] = _ring(act_bytes * gathered, shard)
+        comm["dp_shard/reduce_scatter"] = _ring(4 * reduced, shard)
+        if replicate > 1:  # once per reduction: per micro-batch, or once per step under pipelining
+            reductions = 1 if dims.pp > 1 else micro_num
+            comm["dp_replicate/all_reduce"] = reductions * 2 * _ring(
                 4 * (s0.stored_numel - s0.expert_stored_numel), replicate)
         if dims.expert_shard:  # expert-parallel experts: an FSDP unit per layer over their replicas
-            comm["edp/all_gather"] = micro_num * _ring(act_bytes * experts, dims.edp)
-            comm["edp/reduce_scatter"] = micro_num * _ring(4 * expert_reduced, dims.edp)
+            comm["edp/all_gather"] = _ring(act_bytes * experts, dims.edp)
+            comm["edp/reduce_scatter"] = _ring(4 * expert_reduced, dims.edp)
     if dims.tensor_parallel > 1:
         x = tokens * h * act_bytes
         # per block: two all-reduces forward and two backward (msp: all-gather + reduce-scatter pairs, the
@@ -304,7 +327,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
         recompute = tokens * a_plain if n_ck and policy == "full" else 0.0  # one block, throughout backward
         # logits (kept for the loss backward) and their gradient, sharded over tp, as a backward starts
         logits = 2 * tokens * V * act_bytes / dims.tp if s.last else 0.0
-        grads = 4 * s.stored_numel  # fp32, reduced (and sharded) by FSDP
+        # fp32, reduced (and sharded) by FSDP; under pipelining accumulated unsharded until the step's end
+        grads = 4 * (s.compute_numel if dims.pp > 1 and dims.fsdp else s.stored_numel)
         # Activations and gradients do not peak together: a step starts without gradients (the optimizer
         # set them to None), a stage's appear during its first backward, and that backward frees the
         # activations. So the peak is the largest of the states as each backward starts (activations of
@@ -365,7 +389,8 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
         elem = tokens * (s.num_layers * block_bytes + s.moe_layers * moe_bytes) / split
         loss = tokens * V * LOSS_BYTES[loss_kernel] / split if s.last else 0.0
         t_gemm, t_attn, t_elem = gemm / gemm_rate, attn / attn_rate, elem / hbm
-        t_copy = fsdp_copy_bytes(dims, s, act_bytes) / hbm
+        t_copy = (fsdp_copy_bytes(dims, s, act_bytes, micro_num)
+                  + grad_accumulation_bytes(dims, s, act_bytes, micro_num)) / micro_num / hbm
         recompute = 0.0  # a block's forward again (the head and the loss are not checkpointed)
         if n_ck and policy == "full":
             blocks_gemm = 6 * tokens * s.num_layers * layer_weights / split / gemm_rate
@@ -412,4 +437,4 @@ def plan(cfg, gpus: int, hw: Hardware, gpus_per_node: int = 8, shapes: list[Stag
     return Plan(describe_layout(dims, cfg), fits, memory, peak_stage,
                 {"model": rates["model_flops_per_token"], "internevo": internevo_fpt}, comm, time_s,
                 rates["tgs"], rates["tflops"], rates["mfu"], notes,
-                {"fsdp_copy": micro_num * fsdp_copy_bytes(dims, s0, act_bytes)})
+                {"fsdp_copy": fsdp_copy_bytes(dims, s0, act_bytes, micro_num)})

@@ -98,6 +98,25 @@ def schedule_in_flight(pp: int, num_chunks: int, mode: str, pp_rank: int, micro_
 
 
 @functools.lru_cache(maxsize=256)
+def schedule_fsdp_gathers(pp: int, num_chunks: int, mode: str, pp_rank: int, micro_num: int) -> float:
+    """All-gathers per step of an FSDP unit that reshards after forward, on `pp_rank` under pipelining
+    (the mean over the rank's stages). PyTorch's schedules run every backward but the step's final
+    gradient reduction without resharding (backward_maybe_with_nosync): a forward gathers the unit when it
+    is sharded and reshards it after; a backward (B, or I under zero-bubble) gathers it when it is sharded
+    and keeps it; W needs no weights. A unit that keeps its weights after forward is gathered once."""
+    counts = []
+    for stage in {s for _, s, _ in _orders(pp, num_chunks, mode, micro_num)[pp_rank]}:
+        sharded, gathers = True, 0
+        for kind, sid, _ in _orders(pp, num_chunks, mode, micro_num)[pp_rank]:
+            if sid != stage or kind == "W":
+                continue
+            gathers += sharded
+            sharded = kind == "F"
+        counts.append(gathers)
+    return sum(counts) / len(counts)
+
+
+@functools.lru_cache(maxsize=256)
 def schedule_bubble(pp: int, num_chunks: int, mode: str, micro_num: int) -> float:
     """Idle over busy time of the slowest rank when every rank runs its list (see above)."""
     if pp == 1:

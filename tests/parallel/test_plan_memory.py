@@ -47,6 +47,8 @@ LAYOUTS = [
     mem_layout("dp2_fsdp_micro1", 2, (ONE_MICRO, "parallel.zero1.fsdp=True")),
     mem_layout("dp2_zero1-2_micro1", 2, (ONE_MICRO, "parallel.zero1.size=2")),
     mem_layout("pp2_1f1b_micro2", 2, ("parallel.pipeline.size=2", "data.micro_num=2")),  # F F B B on rank 0
+    mem_layout("pp2_dp2_zero1", 4, ("parallel.pipeline.size=2", "parallel.zero1.size=2")),
+    mem_layout("pp2_dp2_fsdp", 4, ("parallel.pipeline.size=2", "parallel.zero1.fsdp=True")),
 ]
 
 
